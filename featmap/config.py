@@ -1,0 +1,105 @@
+"""RunConfig: every parameter of a chapter run, validated once, printed at the top of the chapter."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from .manipulations import FAMILIES, MANIPULATIONS
+from .mappings import MAPPINGS
+
+SPATIAL_MODES = ("none", "applied")
+
+
+def _check_list(name: str, value, example: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
+            or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a non-empty list of strings, e.g. -y '{name}: [{example}]'; got {value!r}")
+    return list(value)
+
+
+def _check_number(name: str, value, kind, low=None, high=None, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise TypeError(f"{name} must be {'a number' if kind is float else 'an integer'}"
+                        f"{' or None' if allow_none else ''}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return kind(value)
+
+
+@dataclass
+class RunConfig:
+    """One chapter run. Defaults are the embedded default (real photos, ImageNet EfficientNet-Lite0)."""
+
+    chapter: str                                    # results go to results/<chapter>.csv
+    manipulations: list[str]                        # registry names, e.g. rotation_90, noise_40
+    backbone: str = "tf_efficientnet_lite0"         # any timm model name
+    weights: str = "default"                        # default | hub | random | path to a checkpoint
+    layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4", "blocks.6"])
+    images: str = "default"                         # default | a folder (flat, or one subfolder per class)
+    skip_bad_images: bool = False                   # skip unreadable files in a user folder instead of failing
+    max_images: int | None = None                   # a seeded subset of the photos (None: all)
+    image_size: int | None = None                   # square side in pixels (None: the model's own)
+    mappings: list[str] = field(default_factory=lambda: ["identity", "additive", "linear"])
+    spatial: list[str] = field(default_factory=lambda: ["none", "applied"])  # geometric family only
+    ridge: float | str = "auto"                     # relative ridge strength toward W = I, or auto
+    test_fraction: float = 0.2                      # share of photos held out for testing
+    val_fraction: float = 0.2                       # share of training photos held out for choosing ridge
+    train_views: int = 2                            # views per training photo (1 centre + random crops/flips)
+    seed: int = 0                                   # every random draw derives from it
+    batch_size: int = 32                            # images per forward pass
+    device: str = "auto"                            # auto | cpu | cuda | cuda:N
+    threads: int | None = None                      # torch CPU threads (None: torch's default)
+    bootstrap: int = 1000                           # bootstrap resamples for the 95% intervals
+    cache_dir: str | None = None                    # None: $FEATMAP_CACHE or .cache/featmap
+
+    def __post_init__(self):
+        if not isinstance(self.chapter, str) or not self.chapter.isidentifier():
+            raise ValueError(f"chapter must be a plain name (letters, digits, _), got {self.chapter!r}")
+        self.manipulations = _check_list("manipulations", self.manipulations, "rotation_90, grayscale")
+        for name in self.manipulations:
+            MANIPULATIONS.get(name)
+        self.layers = _check_list("layers", self.layers, "blocks.4")
+        self.mappings = _check_list("mappings", self.mappings, "identity, linear")
+        for name in self.mappings:
+            MAPPINGS.get(name)
+        self.spatial = _check_list("spatial", self.spatial, "none, applied")
+        for mode in self.spatial:
+            if mode not in SPATIAL_MODES:
+                raise ValueError(f"unknown spatial mode {mode!r}; known: {', '.join(SPATIAL_MODES)}")
+        for name in ("backbone", "weights", "images", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise TypeError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if not isinstance(self.skip_bad_images, bool):
+            raise TypeError(f"skip_bad_images must be True or False, got {self.skip_bad_images!r}")
+        if self.ridge != "auto":
+            self.ridge = _check_number("ridge", self.ridge, float, 0)
+        self.max_images = _check_number("max_images", self.max_images, int, 3, allow_none=True)
+        self.image_size = _check_number("image_size", self.image_size, int, 16, 4096, allow_none=True)
+        self.test_fraction = _check_number("test_fraction", self.test_fraction, float, 0.01, 0.9)
+        self.val_fraction = _check_number("val_fraction", self.val_fraction, float, 0.01, 0.9)
+        self.train_views = _check_number("train_views", self.train_views, int, 1, 64)
+        self.seed = _check_number("seed", self.seed, int, 0)
+        self.batch_size = _check_number("batch_size", self.batch_size, int, 1, 4096)
+        self.threads = _check_number("threads", self.threads, int, 1, 1024, allow_none=True)
+        self.bootstrap = _check_number("bootstrap", self.bootstrap, int, 0, 100000)
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise TypeError(f"cache_dir must be a path string or None, got {self.cache_dir!r}")
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "chapter"]
+
+    @classmethod
+    def from_namespace(cls, chapter: str, namespace: dict) -> "RunConfig":
+        """Returns the config of ``chapter`` from the parameters defined in ``namespace`` (a notebook's globals)."""
+        return cls(chapter=chapter, **{k: namespace[k] for k in cls.parameter_names() if k in namespace})
+
+    def families(self) -> list[str]:
+        """Returns the families of the configured manipulations, in FAMILIES order."""
+        present = {MANIPULATIONS.get(n).family for n in self.manipulations}
+        return [f for f in FAMILIES if f in present]
+
+    def __str__(self) -> str:
+        return "RunConfig " + json.dumps(asdict(self), indent=1)

@@ -1,0 +1,71 @@
+"""Metrics between predicted and true feature maps (B, C, H, W); each docstring is the definition."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .registry import Registry
+from .seeding import rng_for
+
+
+def _check_pair(pred: torch.Tensor, true: torch.Tensor) -> None:
+    if pred.shape != true.shape or pred.ndim != 4:
+        raise ValueError(f"metrics take two (B, C, H, W) maps of equal shape, got {tuple(pred.shape)} and "
+                         f"{tuple(true.shape)}")
+
+
+def position_cosines(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Returns (B, H*W): cosine between predicted and true channel vectors at each position (eps 1e-8)."""
+    _check_pair(pred, true)
+    return F.cosine_similarity(pred.double(), true.double(), dim=1, eps=1e-8).flatten(1)
+
+
+def cos_mean(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Per sample: mean over positions of the cosine between predicted and true channel vectors."""
+    return position_cosines(pred, true).mean(1)
+
+
+def cos_median(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Per sample: median over positions (mean of the two middle values for an even count) of the cosine."""
+    return position_cosines(pred, true).quantile(0.5, dim=1)
+
+
+def rel_err(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Per sample: ||pred - true||_F / ||true||_F over the whole (C, H, W) map."""
+    _check_pair(pred, true)
+    diff = (pred.double() - true.double()).flatten(1).norm(dim=1)
+    return diff / true.double().flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-sample metric and its direction."""
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    higher_is_better: bool
+
+
+METRICS: Registry[Metric] = Registry("metric")
+METRICS.add("cos_mean", lambda: Metric("cos_mean", cos_mean, True))
+METRICS.add("cos_median", lambda: Metric("cos_median", cos_median, True))
+METRICS.add("rel_err", lambda: Metric("rel_err", rel_err, False))
+FEATURE_METRICS = ["cos_mean", "cos_median", "rel_err"]
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                 key: str = "") -> tuple[float, float]:
+    """Returns the percentile bootstrap interval of the mean of ``values`` (resampling samples, seeded)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(f"bootstrap needs a non-empty 1-D array of per-sample values, got shape {values.shape}")
+    if len(values) == 1 or n_boot <= 0:
+        return float("nan"), float("nan")
+    idx = rng_for(seed, "bootstrap", key).integers(0, len(values), size=(n_boot, len(values)))
+    means = values[idx].mean(1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))

@@ -140,7 +140,9 @@ def create_model(name: str, weights: str = "default", seed: int = 0) -> torch.nn
     (seeded, untrained), or a path to a checkpoint file.
     """
     if not isinstance(name, str) or name not in timm.list_models():
-        close = timm.list_models(f"*{name}*")[:20] if isinstance(name, str) else []
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.7) if isinstance(name, str) else []
         raise ValueError(f"unknown backbone {name!r}: not a timm model name"
                          + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"))
     if not isinstance(weights, str) or not weights:

@@ -75,8 +75,9 @@ class FeatureCache:
 
     def put(self, key: str, array: np.ndarray) -> None:
         """Stores ``array`` as float16 under ``key``, atomically."""
+        array = np.asarray(array)
+        if not np.isfinite(array).all() or np.abs(array).max(initial=0) > np.finfo(np.float16).max:
+            raise ValueError(f"refusing to cache features under {key}: non-finite or beyond the float16 range")
         arr = np.ascontiguousarray(array, dtype=np.float16)
-        if not np.isfinite(arr).all():
-            raise ValueError(f"refusing to cache non-finite features under {key} (float16 overflow?)")
         atomic_write(self.path(key), lambda f: np.save(f, arr, allow_pickle=False))
         self.writes += 1

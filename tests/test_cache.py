@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from featmap.cache import FeatureCache, content_key
+from featmap.extraction import FeatureStore
+from featmap.images import ImageSet
+from featmap.manipulations import get_manipulation
+
+
+def test_round_trip_is_float16_and_identical(tmp_path):
+    cache = FeatureCache(tmp_path)
+    arr = np.random.default_rng(0).normal(size=(4, 3, 3)).astype(np.float32)
+    cache.put("ab" * 32, arr)
+    out = cache.get("ab" * 32, (4, 3, 3))
+    assert out.dtype == np.float16 and np.array_equal(out, arr.astype(np.float16))
+    assert cache.get("cd" * 32) is None
+
+
+def test_crash_mid_write_leaves_nothing_to_trust(tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path)
+    key = "ef" * 32
+
+    def dies_half_way(f, arr, allow_pickle):
+        f.write(b"\x93NUMPY partial")
+        raise KeyboardInterrupt  # the process is interrupted mid-write
+
+    monkeypatch.setattr(np, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        cache.put(key, np.ones((2, 2)))
+    monkeypatch.undo()
+    assert cache.get(key) is None
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.npy"))
+
+
+def test_truncated_or_misshapen_entries_are_rejected_and_removed(tmp_path):
+    cache = FeatureCache(tmp_path)
+    cache.put("aa" * 32, np.ones((8, 4, 4)))
+    path = cache.path("aa" * 32)
+    path.write_bytes(path.read_bytes()[:100])  # a torn file under the final name
+    assert cache.get("aa" * 32, (8, 4, 4)) is None and not path.exists() and cache.rejected == 1
+    cache.put("bb" * 32, np.ones((8, 4, 4)))
+    assert cache.get("bb" * 32, (8, 2, 2)) is None  # wrong shape for this layer: not trusted
+
+
+def test_non_finite_features_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="float16 range"):
+        FeatureCache(tmp_path).put("cc" * 32, np.array([1e6]))  # overflows float16
+
+
+def test_content_key_is_canonical():
+    assert content_key({"a": 1, "b": [1, 2]}) == content_key({"b": [1, 2], "a": 1})
+    assert content_key({"a": 1}) != content_key({"a": 2})
+
+
+def test_store_extracts_once_and_serves_identical_maps(tmp_path, lite0, photo_dir):
+    images = ImageSet.from_folder(photo_dir)
+    views = images.split(seed=0).views("train", 2)[:4]
+    noise, grey = get_manipulation("noise_40"), get_manipulation("grayscale")
+    store = FeatureStore(lite0, FeatureCache(tmp_path), seed=0, batch_size=3, progress=False)
+    assert store.ensure(views, [None, noise, grey]) == 12
+    assert store.ensure(views, [None, noise, grey]) == 0  # a second run extracts nothing
+    cached = store.load(views, noise, "blocks.6")
+    fresh = lite0.features(np.stack([store.image(v, noise) for v in views]))["blocks.6"]
+    assert np.array_equal(cached.numpy(), fresh.numpy().astype(np.float16).astype(np.float32))
+    # a torn entry is recomputed to the same numbers
+    path = store.cache.path(store.key(views[0], noise, "blocks.6"))
+    path.write_bytes(path.read_bytes()[:64])
+    assert np.array_equal(store.load(views, noise, "blocks.6").numpy(), cached.numpy())
+
+
+def test_keys_separate_what_changes_the_features(tmp_path, lite0, photo_dir):
+    view = ImageSet.from_folder(photo_dir).split(seed=0).views("train", 2)[1]
+    s0 = FeatureStore(lite0, FeatureCache(tmp_path), seed=0)
+    s1 = FeatureStore(lite0, FeatureCache(tmp_path), seed=1)
+    noise, grey = get_manipulation("noise_40"), get_manipulation("grayscale")
+    keys = {s0.key(view, None, "blocks.6"), s0.key(view, None, "blocks.4"), s0.key(view, noise, "blocks.6"),
+            s0.key(view, grey, "blocks.6"), s1.key(view, noise, "blocks.6")}
+    assert len(keys) == 5
+    test_view = ImageSet.from_folder(photo_dir).split(seed=0).views("test", 1)[0]
+    assert s0.key(test_view, grey, "blocks.6") == s1.key(test_view, grey, "blocks.6")  # nothing random in it

@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import papermill as pm
+import pytest
+
+from featmap.config import RunConfig
+from featmap.pipeline import run_chapter
+from featmap.results import COLUMNS, results_dir
+
+BOOK = Path(__file__).resolve().parent.parent / "book"
+
+
+def small_config(photo_dir, **kw):
+    return RunConfig(**{"chapter": "geometric", "manipulations": ["rotation_90", "grayscale"],
+                        "layers": ["blocks.6"], "images": str(photo_dir), "bootstrap": 200, **kw})
+
+
+def test_run_writes_the_contract_and_reruns_from_cache(photo_dir):
+    result = run_chapter(small_config(photo_dir))
+    table = pd.read_csv(results_dir() / "geometric.csv")
+    assert list(table.columns) == COLUMNS
+    assert result.extracted == (len(result.split.train) * 2 + len(result.split.val) * 2 + len(result.split.test)) * 3
+    assert set(table.family) == {"geometric", "photometric"}
+    assert set(table[table.family == "photometric"].spatial) == {"none"}
+    assert set(table[table.family == "geometric"].spatial) == {"none", "applied"}
+    assert set(table.mapping) == {"identity", "additive", "linear"}
+    cos = table[table.metric == "cos_mean"]
+    assert (cos.n == len(result.split.test)).all()
+    assert ((cos.ci_low <= cos.value + 1e-9) & (cos.value <= cos.ci_high + 1e-9)).all()
+    assert cos.value.between(-1, 1).all()
+    positions = table[(table.metric == "n_train_positions")].value.unique()
+    assert list(positions) == [(len(result.split.train) + len(result.split.val)) * 2 * 49]
+
+    again = run_chapter(small_config(photo_dir))
+    assert again.extracted == 0  # a rerun extracts nothing
+    timing = again.table.metric == "fit_seconds"
+    pd.testing.assert_frame_equal(again.table[~timing].reset_index(drop=True),
+                                  result.table[~timing].reset_index(drop=True))  # same config, same numbers
+
+
+def test_identity_rows_are_the_direct_cosine(photo_dir):
+    result = run_chapter(small_config(photo_dir, mappings=["identity"], manipulations=["rotation_90"]))
+    store, test = result.store, result.split.views("test", 1)
+    from featmap.manipulations import get_manipulation
+
+    rot = get_manipulation("rotation_90")
+    x, y = store.load(test, None, "blocks.6"), store.load(test, rot, "blocks.6")
+    import torch.nn.functional as F
+
+    for spatial, inp in (("none", x), ("applied", rot.grid_op(x))):
+        direct = F.cosine_similarity(inp.double(), y.double(), dim=1).flatten(1).mean(1).mean().item()
+        row = result.table[(result.table.metric == "cos_mean") & (result.table.spatial == spatial)]
+        assert row.value.item() == pytest.approx(direct, abs=1e-6)
+
+
+def test_a_layer_too_small_fails_before_any_extraction(photo_dir, tmp_path):
+    config = RunConfig(chapter="masking", manipulations=["mask_small_square_center"], layers=["blocks.6"],
+                       image_size=64, images=str(photo_dir), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"layer blocks.6 has a 2x2 feature grid: mask_small_square_center covers"):
+        run_chapter(config)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ValueError, match="gives a 2-D output, not a feature map"):
+        run_chapter(RunConfig(chapter="masking", manipulations=["grayscale"], layers=["global_pool"],
+                              images=str(photo_dir)))
+
+
+@pytest.mark.parametrize("chapter", ["geometric", "masking"])
+def test_papermill_runs_a_chapter_on_a_few_photos(tmp_path, photo_dir, chapter):
+    manips = ["mirror_h", "hue_shift_60"] if chapter == "geometric" else ["mask_big_square_center"]
+    pm.execute_notebook(str(BOOK / f"{chapter}.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
+                        parameters={"images": str(photo_dir), "layers": ["blocks.6"], "manipulations": manips,
+                                    "bootstrap": 100}, progress_bar=False)
+    table = pd.read_csv(results_dir() / f"{chapter}.csv")
+    assert list(table.columns) == COLUMNS
+    assert set(table.manipulation) == set(manips) and set(table.layer) == {"blocks.6"}
+
+
+def test_a_failing_chapter_shows_the_failing_cell(tmp_path, photo_dir):
+    with pytest.raises(pm.PapermillExecutionError, match="layers must be a non-empty list"):
+        pm.execute_notebook(str(BOOK / "masking.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
+                            parameters={"images": str(photo_dir), "layers": "blocks.6"}, progress_bar=False)
+    assert not (results_dir() / "masking.csv").exists()

@@ -5,9 +5,11 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from .manipulations import FAMILIES, MANIPULATIONS
-from .mappings import MAPPINGS
+from .mappings import MAP_SIZES, MAPPINGS
 
-SPATIAL_MODES = ("none", "applied")
+SPATIAL_MODES = ("none", "applied", "learned")
+ALL_MAPPINGS = ["identity", "additive", "linear", "procrustes", "local_linear", "linear_sgd", "mlp", "cnn",
+                "transformer", "transformer_pe"]
 
 
 def _check_list(name: str, value, example: str) -> list[str]:
@@ -41,9 +43,15 @@ class RunConfig:
     skip_bad_images: bool = False                   # skip unreadable files in a user folder instead of failing
     max_images: int | None = None                   # a seeded subset of the photos (None: all)
     image_size: int | None = None                   # square side in pixels (None: the model's own)
-    mappings: list[str] = field(default_factory=lambda: ["identity", "additive", "linear"])
-    spatial: list[str] = field(default_factory=lambda: ["none", "applied"])  # geometric family only
+    mappings: list[str] = field(default_factory=lambda: list(ALL_MAPPINGS))
+    spatial: list[str] = field(default_factory=lambda: ["none", "applied", "learned"])  # geometric family only
     ridge: float | str = "auto"                     # relative ridge strength toward W = I, or auto
+    learned_layers: str | list[str] = "last"        # layers for trained maps: last (of layers) | all | a list
+    map_size: str = "small"                         # trained maps: small (CPU budget) | reference (the study's)
+    max_epochs: int = 20                            # trained maps: epoch cap (early stopping usually ends first)
+    lr: float = 1e-3                                # trained maps: AdamW learning rate (the reference: 1e-4)
+    train_batch: int = 64                           # trained maps: pairs per step (the reference: 32 x 2 accumulated)
+    residual: bool = True                           # trained non-linear maps: x + f(x) from the identity (False: the reference's)
     test_fraction: float = 0.2                      # share of photos held out for testing
     val_fraction: float = 0.2                       # share of training photos held out for choosing ridge
     train_views: int = 2                            # views per training photo (1 centre + random crops/flips)
@@ -64,15 +72,26 @@ class RunConfig:
         self.mappings = _check_list("mappings", self.mappings, "identity, linear")
         for name in self.mappings:
             MAPPINGS.get(name)
-        self.spatial = _check_list("spatial", self.spatial, "none, applied")
+        self.spatial = _check_list("spatial", self.spatial, "none, applied, learned")
         for mode in self.spatial:
             if mode not in SPATIAL_MODES:
                 raise ValueError(f"unknown spatial mode {mode!r}; known: {', '.join(SPATIAL_MODES)}")
         for name in ("backbone", "weights", "images", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TypeError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        if not isinstance(self.skip_bad_images, bool):
-            raise TypeError(f"skip_bad_images must be True or False, got {self.skip_bad_images!r}")
+        for name in ("skip_bad_images", "residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.learned_layers not in ("last", "all"):
+            self.learned_layers = _check_list("learned_layers", self.learned_layers, "blocks.6")
+            extra = [layer for layer in self.learned_layers if layer not in self.layers]
+            if extra:
+                raise ValueError(f"learned_layers {extra} are not in layers {self.layers}")
+        if self.map_size not in MAP_SIZES:
+            raise ValueError(f"unknown map_size {self.map_size!r}; known: {', '.join(MAP_SIZES)}")
+        self.max_epochs = _check_number("max_epochs", self.max_epochs, int, 1, 100000)
+        self.lr = _check_number("lr", self.lr, float, 1e-8, 1.0)
+        self.train_batch = _check_number("train_batch", self.train_batch, int, 2, 65536)
         if self.ridge != "auto":
             self.ridge = _check_number("ridge", self.ridge, float, 0)
         self.max_images = _check_number("max_images", self.max_images, int, 3, allow_none=True)
@@ -95,6 +114,12 @@ class RunConfig:
     def from_namespace(cls, chapter: str, namespace: dict) -> "RunConfig":
         """Returns the config of ``chapter`` from the parameters defined in ``namespace`` (a notebook's globals)."""
         return cls(chapter=chapter, **{k: namespace[k] for k in cls.parameter_names() if k in namespace})
+
+    def trains_on(self, layer: str) -> bool:
+        """Returns whether trained (gradient-descent) maps run at ``layer``."""
+        if self.learned_layers == "last":
+            return layer == self.layers[-1]
+        return self.learned_layers == "all" or layer in self.learned_layers
 
     def families(self) -> list[str]:
         """Returns the families of the configured manipulations, in FAMILIES order."""

@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .backbones import Backbone
-from .cache import FeatureCache
+from .cache import FeatureCache, content_key
 from .config import RunConfig
 from .extraction import FeatureStore
 from .images import ImageSet, Split, View
 from .manipulations import Manipulation, get_manipulation
-from .mappings import LinearStats, get_mapping
+from .mappings import MAPPINGS, LinearStats, MapOptions, Mapping, PositionStats
 from .metrics import FEATURE_METRICS, METRICS
 from .results import COLUMNS, row, sample_rows, write_results
+from .training import TrainConfig
 
 
 @dataclass
@@ -38,17 +40,76 @@ def spatial_modes(manipulation: Manipulation, config: RunConfig) -> list[str]:
     return config.spatial if manipulation.grid_op is not None else ["none"]
 
 
-def _stats(store: FeatureStore, views: list[View], manipulation: Manipulation, layer: str, spatial: str,
-           batch: int) -> LinearStats:
-    spec = store.backbone.specs[layer]
-    stats = LinearStats(spec.channels, spec.channels)
-    for start in range(0, len(views), batch):
-        chunk = views[start:start + batch]
-        x = store.load(chunk, None, layer)
-        if spatial == "applied":
-            x = manipulation.grid_op(x)
-        stats.update(x, store.load(chunk, manipulation, layer))
-    return stats
+def applies(mapping: type[Mapping], manipulation: Manipulation, spatial: str) -> bool:
+    """Returns whether ``mapping`` runs in this spatial mode.
+
+    Geometric edits: ``applied`` runs every map after the exact grid permutation; on the raw grid, maps
+    that act on each position alone run as ``none`` (they cannot move content, the floor for geometry) and
+    maps that mix positions run as ``learned`` (they may learn the permutation). Other edits: ``none``.
+    """
+    if manipulation.grid_op is None or spatial == "applied":
+        return True
+    return mapping.per_position == (spatial == "none")
+
+
+class PairData:
+    """The (original, manipulated) training and validation pairs of one fit, read from the cache on demand.
+
+    Statistics stream over batches (memory independent of the number of images); ``tensors`` loads a part
+    whole, for the trained maps.
+    """
+
+    def __init__(self, store: FeatureStore, views: dict[str, list[View]], manipulation: Manipulation, layer: str,
+                 spatial: str, batch: int):
+        self.store, self.views, self.manipulation, self.layer = store, views, manipulation, layer
+        self.spatial, self.batch = spatial, batch
+        self.spec = store.backbone.specs[layer]
+        self.key = content_key({part: [[store.key(v, None, layer), store.key(v, manipulation, layer)] for v in vs]
+                                for part, vs in views.items()} | {"spatial": spatial})
+
+    def _load(self, views: list[View]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.store.load(views, None, self.layer)
+        if self.spatial == "applied":
+            x = self.manipulation.grid_op(x)
+        return x, self.store.load(views, self.manipulation, self.layer)
+
+    def _batches(self, part: str):
+        if part in self._loaded:
+            x, y = self._loaded[part]
+            yield from ((x[i:i + self.batch], y[i:i + self.batch]) for i in range(0, len(x), self.batch))
+            return
+        views = self.views[part]
+        for i in range(0, len(views), self.batch):
+            yield self._load(views[i:i + self.batch])
+
+    @cached_property
+    def _loaded(self) -> dict:
+        return {}
+
+    def tensors(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if part not in self._loaded:
+            self._loaded[part] = self._load(self.views[part])
+        return self._loaded[part]
+
+    @cached_property
+    def _stats(self) -> dict:
+        return {}
+
+    def stats(self, part: str) -> LinearStats:
+        if ("shared", part) not in self._stats:
+            stats = LinearStats(self.spec.channels, self.spec.channels)
+            for x, y in self._batches(part):
+                stats.update(x, y)
+            self._stats[("shared", part)] = stats
+        return self._stats[("shared", part)]
+
+    def position_stats(self, part: str) -> PositionStats:
+        if ("position", part) not in self._stats:
+            stats = PositionStats(self.spec.channels, self.spec.channels, self.spec.height * self.spec.width)
+            for x, y in self._batches(part):
+                stats.update(x, y)
+            self._stats[("position", part)] = stats
+        return self._stats[("position", part)]
 
 
 def prepare(config: RunConfig) -> tuple[ImageSet, Split, FeatureStore, list[Manipulation]]:
@@ -75,37 +136,41 @@ def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
     test = split.views("test", config.train_views)
     t0 = time.perf_counter()
     extracted = store.ensure(train + val + test, [None] + manipulations)
-    timings = {"extract_seconds": time.perf_counter() - t0, "fit_seconds": 0.0, "stats_seconds": 0.0}
+    timings = {"extract_seconds": time.perf_counter() - t0, "fit_seconds": 0.0}
+    options = MapOptions(ridge=config.ridge, size=config.map_size, residual=config.residual, device=config.device,
+                         cache_dir=config.cache_dir, train=TrainConfig(lr=config.lr, batch_size=config.train_batch,
+                                                                       max_epochs=config.max_epochs, seed=config.seed))
+    n_fit = len(train) + len(val)
     rows = []
     for manip in manipulations:
         for layer in store.backbone.layers:
             x_test = store.load(test, None, layer)
             y_test = store.load(test, manip, layer)
             for spatial in spatial_modes(manip, config):
-                t1 = time.perf_counter()
-                train_stats = _stats(store, train, manip, layer, spatial, config.batch_size)
-                val_stats = _stats(store, val, manip, layer, spatial, config.batch_size)
-                timings["stats_seconds"] += time.perf_counter() - t1
+                data = PairData(store, {"train": train, "val": val}, manip, layer, spatial, config.batch_size)
                 x_in = manip.grid_op(x_test) if spatial == "applied" else x_test
                 base = {"family": manip.family, "manipulation": manip.name, "backbone": config.backbone,
                         "layer": layer, "spatial": spatial}
                 for name in config.mappings:
-                    mapping = get_mapping(name, config.ridge)
+                    cls = MAPPINGS.get(name)
+                    if not applies(cls, manip, spatial) or (cls.learned and not config.trains_on(layer)):
+                        continue
+                    mapping = cls(options)
                     t2 = time.perf_counter()
-                    mapping.fit(train_stats, val_stats)
-                    fit_s = time.perf_counter() - t2
-                    timings["fit_seconds"] += fit_s
-                    pred = mapping.predict(x_in)
+                    mapping.fit(data)
+                    fit_s = mapping.fit_seconds() or (time.perf_counter() - t2)
+                    timings["fit_seconds"] += time.perf_counter() - t2
+                    pred = torch.cat([mapping.predict(x_in[i:i + config.batch_size])
+                                      for i in range(0, len(x_in), config.batch_size)])
                     b = {**base, "mapping": name}
                     for metric in FEATURE_METRICS:
                         values = METRICS.get(metric).fn(pred, y_test).numpy()
                         rows.append(sample_rows(b, metric, values, config.bootstrap, config.seed))
-                    rows.append(row(b, "n_train_positions", train_stats.n + val_stats.n,
-                                    len(train) + len(val)))
-                    rows.append(row(b, "fit_seconds", fit_s, len(train) + len(val)))
-                    rows.append(row(b, "n_params", mapping.n_params(), len(train) + len(val)))
+                    rows.append(row(b, "n_train_positions", n_fit * x_test.shape[2] * x_test.shape[3], n_fit))
+                    rows.append(row(b, "fit_seconds", fit_s, n_fit))
+                    rows.append(row(b, "n_params", mapping.n_params(), n_fit))
                     for metric, value in mapping.extra_metrics().items():
-                        rows.append(row(b, metric, value, len(train) + len(val)))
+                        rows.append(row(b, metric, value, n_fit))
     table = pd.DataFrame(rows, columns=COLUMNS)
     if write:
         write_results(table, config.chapter)

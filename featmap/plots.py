@@ -65,3 +65,36 @@ def plot_metric(table: pd.DataFrame, metric: str = "cos_mean", height: float = 3
                        bbox_to_anchor=(0.5, 1.0 + 0.12 / (len(grid.axes.flat) if wide else 1)))
     grid.figure.tight_layout()
     return grid
+
+
+def plot_cost(table: pd.DataFrame, metric: str = "cos_mean", layer: str | None = None, height: float = 3.4):
+    """Returns a figure: mean test ``metric`` per map against its parameter count and its fit time.
+
+    One point per map, averaged over the same cases for every map (geometric edits with the grid permutation
+    applied, other edits as they are) at ``layer`` (default: the deepest layer where every map ran); both
+    read from the results table's ``n_params`` and ``fit_seconds`` rows.
+    """
+    data = table[(table["family"] != "geometric") | (table["spatial"] == "applied")].copy()
+    data["map"] = data["mapping"]
+    if layer is None:
+        counts = data[data["metric"] == metric].groupby("layer")["mapping"].nunique()
+        layer = counts[counts == counts.max()].index[-1]
+    data = data[data["layer"] == layer]
+    wide = data.pivot_table(index=["manipulation", "map"], columns="metric", values="value")
+    for needed in (metric, "n_params", "fit_seconds"):
+        if needed not in wide:
+            raise ValueError(f"no {needed!r} rows at layer {layer}")
+    means = wide.groupby("map")[[metric, "n_params", "fit_seconds"]].mean()
+    fig, axes = plt.subplots(1, 2, figsize=(2 * height * 1.4, height), sharey=True)
+    palette = dict(zip(means.index, sns.color_palette("colorblind", len(means))))
+    for ax, x, label in ((axes[0], "n_params", "parameters"), (axes[1], "fit_seconds", "fit time (s)")):
+        for name, r in means.iterrows():
+            ax.scatter(max(r[x], 1e-3 if x == "fit_seconds" else 1), r[metric], color=palette[name], s=40)
+            ax.annotate(name, (max(r[x], 1e-3 if x == "fit_seconds" else 1), r[metric]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{label} (log scale)")
+    axes[0].set_ylabel(f"mean test {metric} at {layer}")
+    fig.suptitle(f"Quality against cost, averaged over manipulations ({layer})", fontsize=10)
+    fig.tight_layout()
+    return fig

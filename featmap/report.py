@@ -42,6 +42,26 @@ def findings(table: pd.DataFrame, metric: str = "cos_mean") -> str:
             lines.append(f"- **{mapping}**{'' if spatial == 'none' else f' (spatial {spatial})'} beats {floor} "
                          f"(95% interval above identity's mean) in {above} of {total} (layer, manipulation) "
                          f"cases; mean {metric} gain {gain:+.3f}.")
+    comparable = data[(data["family"] != "geometric") | (data["spatial"] == "applied")]
+    globals_ = comparable[comparable["mapping"].isin(["transformer", "transformer_pe"])]
+    if not globals_.empty:
+        best_global = globals_.groupby(["layer", "manipulation"])["value"].max()
+        lin = comparable[comparable["mapping"] == "linear"].set_index(["layer", "manipulation"])["value"]
+        common = best_global.index.intersection(lin.index)
+        if len(common):
+            gap = lin.loc[common] - best_global.loc[common]
+            lines.append(f"- Shared linear map minus the better of the two transformers, on the {len(common)} cases "
+                         f"where both ran (geometric edits with the grid permutation applied): {gap.mean():+.3f} "
+                         f"{metric} on average (range {gap.min():+.3f} to {gap.max():+.3f}); the linear map is ahead "
+                         f"in {(gap > 0).sum()} of {len(common)}.")
+    learned = data[(data["spatial"] == "learned")]
+    if not learned.empty:
+        pe = learned.pivot_table(index=["layer", "manipulation"], columns="mapping", values="value")
+        if {"transformer", "transformer_pe"} <= set(pe.columns):
+            diff = (pe["transformer_pe"] - pe["transformer"]).dropna()
+            lines.append(f"- Geometric edits on the raw grid (the map must learn the permutation): positional "
+                         f"embeddings change the transformer's {metric} by {diff.mean():+.3f} on average over "
+                         f"{len(diff)} cases.")
     best = data.loc[data.groupby(["layer", "manipulation"])["value"].idxmax()]
     counts = best["map"].value_counts()
     lines.append("- Best variant per (layer, manipulation): "

@@ -14,7 +14,8 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 
 def small_config(photo_dir, **kw):
     return RunConfig(**{"chapter": "geometric", "manipulations": ["rotation_90", "grayscale"],
-                        "layers": ["blocks.6"], "images": str(photo_dir), "bootstrap": 200, **kw})
+                        "layers": ["blocks.6"], "images": str(photo_dir), "bootstrap": 200,
+                        "mappings": ["identity", "additive", "linear"], **kw})
 
 
 def test_run_writes_the_contract_and_reruns_from_cache(photo_dir):
@@ -71,10 +72,11 @@ def test_papermill_runs_a_chapter_on_a_few_photos(tmp_path, photo_dir, chapter):
     manips = ["mirror_h", "hue_shift_60"] if chapter == "geometric" else ["mask_big_square_center"]
     pm.execute_notebook(str(BOOK / f"{chapter}.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
                         parameters={"images": str(photo_dir), "layers": ["blocks.6"], "manipulations": manips,
-                                    "bootstrap": 100}, progress_bar=False)
+                                    "bootstrap": 100, "max_epochs": 2}, progress_bar=False)
     table = pd.read_csv(results_dir() / f"{chapter}.csv")
     assert list(table.columns) == COLUMNS
     assert set(table.manipulation) == set(manips) and set(table.layer) == {"blocks.6"}
+    assert {"transformer_pe", "local_linear", "procrustes", "cnn"} <= set(table.mapping)
 
 
 def test_a_failing_chapter_shows_the_failing_cell(tmp_path, photo_dir):
@@ -82,3 +84,25 @@ def test_a_failing_chapter_shows_the_failing_cell(tmp_path, photo_dir):
         pm.execute_notebook(str(BOOK / "masking.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
                             parameters={"images": str(photo_dir), "layers": "blocks.6"}, progress_bar=False)
     assert not (results_dir() / "masking.csv").exists()
+
+
+def test_every_map_runs_in_its_spatial_modes_and_a_rerun_trains_nothing(photo_dir, monkeypatch):
+    config = small_config(photo_dir, manipulations=["mirror_v", "noise_40"], max_epochs=2,
+                          mappings=["identity", "linear", "local_linear", "mlp", "transformer_pe"])
+    table = run_chapter(config).table
+    modes = table[table.metric == "cos_mean"].groupby(["manipulation", "spatial"])["mapping"].apply(set).to_dict()
+    assert modes == {("mirror_v", "none"): {"identity", "linear", "local_linear", "mlp"},
+                     ("mirror_v", "applied"): {"identity", "linear", "local_linear", "mlp", "transformer_pe"},
+                     ("mirror_v", "learned"): {"transformer_pe"},
+                     ("noise_40", "none"): {"identity", "linear", "local_linear", "mlp", "transformer_pe"}}
+    assert (table[table.metric == "epochs"].value == 2).all()
+
+    import featmap.learned
+
+    def no_training(*a, **k):
+        raise AssertionError("a rerun trained a map")
+
+    monkeypatch.setattr(featmap.learned, "train_map", no_training)
+    again = run_chapter(config).table
+    timed = (table.metric == "fit_seconds") & ~table.mapping.isin(["mlp", "transformer_pe"])  # closed forms refit
+    pd.testing.assert_frame_equal(again[~timed], table[~timed])  # trained maps report their recorded fit time

@@ -1,0 +1,192 @@
+"""Planted answers for every map of the zoo, and the training loop's guarantees."""
+import pytest
+import torch
+
+import featmap.learned as learned
+import featmap.training as training
+from featmap.mappings import LinearStats, MapOptions, PositionStats, get_mapping
+from featmap.metrics import cos_mean
+from featmap.training import Normalizer, NormalizedMap, TrainConfig, train_map
+
+
+class Pairs:
+    """A FitData over in-memory tensors (train / val / test split by sample)."""
+
+    def __init__(self, x, y, key="planted", n_val=None):
+        n = len(x)
+        n_val = n_val or n // 5
+        self.parts = {"train": (x[: n - 2 * n_val], y[: n - 2 * n_val]), "val": (x[n - 2 * n_val: n - n_val],
+                      y[n - 2 * n_val: n - n_val]), "test": (x[n - n_val:], y[n - n_val:])}
+        self.key = key
+
+    def tensors(self, part):
+        return self.parts[part]
+
+    def stats(self, part):
+        x, y = self.parts[part]
+        return LinearStats(x.shape[1], y.shape[1]).update(x, y)
+
+    def position_stats(self, part):
+        x, y = self.parts[part]
+        return PositionStats(x.shape[1], y.shape[1], x.shape[2] * x.shape[3]).update(x, y)
+
+
+def shared_affine(seed, n=640, c=8, side=4):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c, c, generator=g) / c ** 0.5
+    b = torch.randn(c, generator=g) * 0.5
+    x = torch.randn(n, c, side, side, generator=g)
+    return x, torch.einsum("oc,bchw->bohw", w, x) + b.view(1, -1, 1, 1), w, b
+
+
+def options(tmp_path, **train):
+    cfg = {"lr": 1e-2, "batch_size": 64, "max_epochs": 60, "early_stop_patience": 60, "seed": 0, **train}
+    return MapOptions(size="tiny", cache_dir=str(tmp_path), progress=False, train=TrainConfig(**cfg))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_procrustes_recovers_a_planted_orthogonal_map(seed):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    shift = torch.randn(16, generator=g, dtype=torch.float64)
+    x = torch.randn(50, 16, 3, 3, generator=g, dtype=torch.float64)
+    y = torch.einsum("oc,bchw->bohw", q, x) + shift.view(1, -1, 1, 1)
+    m = get_mapping("procrustes").fit(Pairs(x, y))
+    assert torch.allclose(m.weight.double(), q, atol=1e-5)
+    assert torch.allclose(m.bias.double(), shift, atol=1e-5)
+    assert torch.allclose(m.weight @ m.weight.T, torch.eye(16), atol=1e-5)
+
+
+def test_local_linear_recovers_a_different_map_at_every_position():
+    g = torch.Generator().manual_seed(0)
+    c, side, n = 6, 3, 60
+    w = torch.randn(side * side, c, c, generator=g, dtype=torch.float64)
+    b = torch.randn(side * side, c, generator=g, dtype=torch.float64)
+    x = torch.randn(n, c, side, side, generator=g, dtype=torch.float64)
+    y = (torch.einsum("poc,bcp->bop", w, x.flatten(2)) + b.T[None]).reshape(n, c, side, side)
+    m = get_mapping("local_linear", MapOptions(ridge=0.0)).fit(Pairs(x, y))
+    assert torch.allclose(m.weight.double(), w, atol=1e-5) and torch.allclose(m.bias.double(), b, atol=1e-5)
+    assert torch.allclose(m.predict(x.float()).double(), y, atol=1e-4)
+    shared = get_mapping("linear", MapOptions(ridge=0.0)).fit(Pairs(x, y))
+    assert cos_mean(shared.predict(x.float()), y.float()).mean() < 0.9  # one shared map cannot do this
+
+
+@pytest.mark.parametrize("name", ["linear_sgd", "mlp", "transformer"])
+def test_trained_maps_fit_a_planted_shared_affine_map(tmp_path, name):
+    x, y, _, _ = shared_affine(0)
+    data = Pairs(x, y)
+    m = get_mapping(name, options(tmp_path)).fit(data)
+    xt, yt = data.tensors("test")
+    identity = cos_mean(xt, yt).mean()
+    fitted = cos_mean(m.predict(xt), yt).mean()
+    assert fitted > 0.97 and fitted > identity + 0.2, (name, float(fitted), float(identity))
+
+
+def test_positional_embeddings_let_a_transformer_learn_a_fixed_permutation(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 4, 3, 3, generator=g)
+    y = torch.rot90(x, 1, dims=(2, 3))  # content moves; nothing in a token says where to
+    data = Pairs(x, y)
+    xt, yt = data.tensors("test")
+    opts = options(tmp_path)
+    with_pe = cos_mean(get_mapping("transformer_pe", opts).fit(data).predict(xt), yt).mean()
+    without = cos_mean(get_mapping("transformer", opts).fit(data).predict(xt), yt).mean()
+    assert with_pe > 0.95, float(with_pe)
+    assert without < 0.5, float(without)
+
+
+def test_normalisation_round_trips():
+    x = torch.randn(10, 5, 3, 3) * torch.arange(1.0, 6.0).view(1, 5, 1, 1) + 7
+    norm = Normalizer.fit(x)
+    z = norm(x)
+    assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(5), atol=1e-5)
+    assert torch.allclose(z.transpose(0, 1).flatten(1).std(1), torch.ones(5), atol=1e-4)
+    assert torch.allclose(norm.inverse(z), x, atol=1e-5)
+    assert torch.allclose(NormalizedMap(torch.nn.Identity(), norm)(x), x, atol=1e-5)
+
+
+def test_reference_loss_is_zero_for_a_perfect_prediction_and_grows_with_error():
+    y = torch.randn(4, 6, 3, 3)
+    assert training.reference_loss(y, y).item() == pytest.approx(0.0, abs=1e-6)
+    assert training.reference_loss(y + 0.1, y) < training.reference_loss(y + 1.0, y) < training.reference_loss(-y, y)
+
+
+def _train(seed, tmp_path=None, max_epochs=5):
+    x, y, _, _ = shared_affine(1, n=200)
+    torch.manual_seed(seed)
+    net = learned.build_net("mlp", 8, 16, {"hidden": 16, "dropout": 0.2}, residual=True)
+    cfg = TrainConfig(lr=1e-3, batch_size=32, max_epochs=max_epochs, early_stop_patience=100, seed=seed)
+    ckpt = tmp_path / "ckpt.pt" if tmp_path else None
+    return train_map(net, (x[:150], y[:150]), (x[150:], y[150:]), cfg, torch.device("cpu"), ckpt, progress=False)
+
+
+def test_training_is_deterministic_for_a_seed():
+    (a, ha), (b, hb), (c, _) = _train(0), _train(0), _train(1)
+    assert ha["history"] == hb["history"]
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert not all(torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_an_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch):
+    reference, ref_history = _train(0, max_epochs=6)
+    calls = {"n": 0}
+    real = training._evaluate
+
+    def dies_at_epoch_4(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(training, "_evaluate", dies_at_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        _train(0, tmp_path, max_epochs=6)
+    monkeypatch.setattr(training, "_evaluate", real)
+    resumed, history = _train(0, tmp_path, max_epochs=6)
+    assert history["history"] == ref_history["history"]
+    for va, vb in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6)
+
+
+def test_a_trained_map_is_cached_and_reused(tmp_path, monkeypatch):
+    x, y, _, _ = shared_affine(2, n=200)
+    data = Pairs(x, y)
+    first = get_mapping("mlp", options(tmp_path, max_epochs=3)).fit(data)
+    assert len(list((tmp_path / "maps").glob("*.pt"))) == 1
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached map was trained again")
+
+    monkeypatch.setattr(learned, "train_map", no_training)
+    again = get_mapping("mlp", options(tmp_path, max_epochs=3)).fit(data)
+    xt = data.tensors("test")[0]
+    assert torch.equal(first.predict(xt), again.predict(xt))
+    assert again.fit_seconds() == first.fit_seconds() > 0
+    other = Pairs(x, y, key="other data")  # other training pairs: another map
+    monkeypatch.undo()
+    get_mapping("mlp", options(tmp_path, max_epochs=3)).fit(other)
+    assert len(list((tmp_path / "maps").glob("*.pt"))) == 2
+
+
+def test_learned_map_metadata():
+    from featmap.mappings import MAPPINGS
+
+    per_position = {n: MAPPINGS.get(n).per_position for n in MAPPINGS.names()}
+    assert per_position == {"additive": True, "cnn": False, "identity": True, "linear": True, "linear_sgd": True,
+                            "local_linear": True, "mlp": True, "procrustes": True, "transformer": False,
+                            "transformer_pe": False}
+    assert {n for n in MAPPINGS.names() if MAPPINGS.get(n).learned} == {"linear_sgd", "mlp", "cnn", "transformer",
+                                                                          "transformer_pe"}
+
+
+def test_cnn_fits_a_planted_local_convolution(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    kernel = torch.randn(8, 8, 3, 3, generator=g) / 8
+    x = torch.randn(1000, 8, 5, 5, generator=g)
+    y = torch.nn.functional.conv2d(x, kernel, padding=1)  # each output mixes a 3x3 neighbourhood
+    data = Pairs(x, y)
+    xt, yt = data.tensors("test")
+    cnn = cos_mean(get_mapping("cnn", options(tmp_path)).fit(data).predict(xt), yt).mean()
+    shared = cos_mean(get_mapping("linear", MapOptions(ridge=0.0)).fit(data).predict(xt), yt).mean()
+    assert cnn > 0.95 and cnn > shared + 0.1, (float(cnn), float(shared))

@@ -260,3 +260,59 @@ class Backbone:
         maps = self.forward_layers(torch.zeros(1, 3, s, s))
         return {layer: FeatureSpec(self.name, layer, m.shape[1], m.shape[2], m.shape[3], max(1, s // m.shape[3]))
                 for layer, m in maps.items()}
+
+
+class ClassifierTail(torch.nn.Module):
+    """Maps a stage's (B, C, H, W) feature map to the full model's logits.
+
+    The model runs with that stage's output replaced by the given map, so everything after the stage (the
+    remaining blocks and the model's own head) is the model's own code. The stages before it run on a small
+    blank image whose result is discarded (a full-size one for models that fix their input size). Exact for
+    stage outputs (the modules in ``model.feature_info``), whose output feeds only what follows.
+    """
+
+    def __init__(self, backbone: "Backbone", layer: str):
+        super().__init__()
+        modules = dict(backbone.model.named_modules())
+        if layer not in modules:
+            raise ValueError(f"unknown layer {layer!r} for {backbone.name}")
+        self.backbone, self.layer, self.module = backbone, layer, modules[layer]
+        self._blank_side = 32
+        seen = []
+        handle = self.module.register_forward_hook(lambda module, args, out: seen.append(out))
+        side = backbone.preprocessing.size
+        try:
+            with torch.inference_mode():
+                backbone.model(torch.zeros(1, 3, side, side, device=backbone.device))
+        finally:
+            handle.remove()
+        if not seen or not isinstance(seen[0], torch.Tensor) or seen[0].ndim != 4:
+            raise ValueError(f"layer {layer} of {backbone.name} does not output a 4-D map (tokens keep class tokens "
+                             "that a feature map drops): no classifier tail can start there")
+
+    def _native(self, fmap: torch.Tensor) -> torch.Tensor:
+        if getattr(self.backbone.model, "output_fmt", "NCHW") == "NHWC":
+            return fmap.permute(0, 2, 3, 1)
+        return fmap
+
+    @torch.inference_mode()
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Returns (B, classes) float32 logits on the CPU for a (B, C, H, W) feature map of ``layer``."""
+        native = self._native(fmap.to(self.backbone.device))
+        handle = self.module.register_forward_hook(lambda module, args, out: native)
+        try:
+            try:
+                blank = torch.zeros(len(fmap), 3, self._blank_side, self._blank_side, device=self.backbone.device)
+                return self.backbone.model(blank).float().cpu()
+            except (RuntimeError, AssertionError, ValueError):
+                if self._blank_side == self.backbone.preprocessing.size:
+                    raise
+                self._blank_side = self.backbone.preprocessing.size  # the model fixes its input size
+                return self.forward(fmap)
+        finally:
+            handle.remove()
+
+
+def classifier_tail(backbone: "Backbone", layer: str) -> ClassifierTail:
+    """Returns a module mapping ``layer``'s feature map to logits (the remaining blocks plus the model's head)."""
+    return ClassifierTail(backbone, layer)

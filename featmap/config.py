@@ -51,7 +51,7 @@ class RunConfig:
     max_epochs: int = 20                            # trained maps: epoch cap (early stopping usually ends first)
     lr: float = 1e-3                                # trained maps: AdamW learning rate (the reference: 1e-4)
     train_batch: int = 64                           # trained maps: pairs per step (the reference: 32 x 2 accumulated)
-    residual: bool = True                           # trained non-linear maps: x + f(x) from the identity (False: the reference's)
+    residual: bool = True                           # trained non-linear maps: x + f(x) from identity (False: reference)
     test_fraction: float = 0.2                      # share of photos held out for testing
     val_fraction: float = 0.2                       # share of training photos held out for choosing ridge
     train_views: int = 2                            # views per training photo (1 centre + random crops/flips)

@@ -42,7 +42,8 @@ class LinearStats:
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> "LinearStats":
         """Adds the positions of a (B, C_in, H, W) input and (B, C_out, H, W) target batch."""
-        if x.shape[0] != y.shape[0] or x.shape[2:] != y.shape[2:] or x.shape[1] != self.c_in or y.shape[1] != self.c_out:
+        if (x.shape[0] != y.shape[0] or x.shape[2:] != y.shape[2:] or x.shape[1] != self.c_in
+                or y.shape[1] != self.c_out):
             raise ValueError(f"stats for {self.c_in}->{self.c_out} channels got x {tuple(x.shape)}, y {tuple(y.shape)}")
         xp, yp = positions(x).double(), positions(y).double()
         xa = torch.cat([xp, torch.ones(len(xp), 1, dtype=torch.float64)], 1)
@@ -219,15 +220,21 @@ class Identity(Mapping):
         return x
 
 
+def _square_stats(data: FitData, name: str) -> LinearStats:
+    """Returns the statistics of all training photos (train + validation) for a map that needs C_in = C_out."""
+    stats = data.stats("train").merged(data.stats("val"))
+    if stats.c_in != stats.c_out:
+        raise ValueError(f"{name} needs equal input and output channels, got {stats.c_in} and {stats.c_out}")
+    return stats
+
+
 class Additive(Mapping):
     """y = x + delta, delta per channel: the mean shift of the training pairs."""
 
     name, linear = "additive", True
 
     def fit(self, data: FitData) -> "Additive":
-        stats = data.stats("train").merged(data.stats("val"))
-        if stats.c_in != stats.c_out:
-            raise ValueError(f"additive needs equal input and output channels, got {stats.c_in} and {stats.c_out}")
+        stats = _square_stats(data, self.name)
         self.delta = ((stats.xty[-1] - stats.xtx[-1, :-1]) / stats.n).float()
         return self
 
@@ -293,9 +300,7 @@ class Procrustes(Mapping):
     name, linear = "procrustes", True
 
     def fit(self, data: FitData) -> "Procrustes":
-        s = data.stats("train").merged(data.stats("val"))
-        if s.c_in != s.c_out:
-            raise ValueError(f"procrustes needs equal input and output channels, got {s.c_in} and {s.c_out}")
+        s = _square_stats(data, self.name)
         mx, my = s.xtx[-1, :-1] / s.n, s.xty[-1] / s.n
         cross = s.xty[:-1] - s.n * torch.outer(mx, my)  # sum of (x - mx)(y - my)^T
         u, _, vh = torch.linalg.svd(cross)

@@ -69,3 +69,52 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: f
     means = values[idx].mean(1)
     alpha = (1 - level) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def effective_rank(singular_values: torch.Tensor, convention: str = "roy") -> float:
+    """Returns exp(entropy) of the normalised singular values.
+
+    ``roy`` (Roy and Vetterli, 2007): p_i = s_i / sum s. ``energy`` (the reference code): p_i = s_i^2 / sum s^2.
+    The identity of size C has effective rank C under both; a rank-1 matrix has 1.
+    """
+    if convention not in ("roy", "energy"):
+        raise ValueError(f"convention must be 'roy' or 'energy', got {convention!r}")
+    s = torch.as_tensor(singular_values, dtype=torch.float64)
+    if s.ndim != 1 or len(s) == 0 or (s < 0).any():
+        raise ValueError("effective_rank takes a non-empty 1-D tensor of non-negative singular values")
+    w = s if convention == "roy" else s ** 2
+    if w.sum() == 0:
+        return 0.0
+    p = w / w.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Returns softmax probabilities (float64) of (B, classes) logits."""
+    return torch.softmax(logits.double(), dim=1)
+
+
+def top1_agree(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per sample: 1 when the argmax class of ``p`` equals that of ``q``, else 0."""
+    return (p.argmax(1) == q.argmax(1)).double()
+
+
+def jsd(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Per sample: Jensen-Shannon divergence in bits (base 2) between class distributions; eps avoids log 0.
+
+    0 for identical distributions, 1 for distributions with disjoint support.
+    """
+    p, q = p.double().clamp_min(0), q.double().clamp_min(0)
+    p, q = p / p.sum(1, keepdim=True), q / q.sum(1, keepdim=True)
+    m = (p + q) / 2
+
+    def kl(a, b):
+        return (a * (torch.log2(a + eps) - torch.log2(b + eps))).sum(1)
+
+    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp_min(0)
+
+
+def topk_correct(p: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per sample: 1 when ``labels`` is among the ``k`` most probable classes of ``p``, else 0."""
+    return (p.topk(k, dim=1).indices == labels.view(-1, 1)).any(1).double()

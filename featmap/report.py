@@ -14,7 +14,8 @@ def metric_table(table: pd.DataFrame, metric: str = "cos_mean") -> pd.DataFrame:
     return wide[list(dict.fromkeys(data["map"]))]
 
 
-def _beats(data: pd.DataFrame, a: str, b: str, spatial_a: str = "none", spatial_b: str = "none") -> tuple[int, int, float]:
+def _beats(data: pd.DataFrame, a: str, b: str, spatial_a: str = "none",
+           spatial_b: str = "none") -> tuple[int, int, float]:
     """Returns (cases where mapping a's CI lies above mapping b's mean, cases compared, mean of a - b)."""
     left = data[(data["mapping"] == a) & (data["spatial"] == spatial_a)].set_index(["layer", "manipulation"])
     right = data[(data["mapping"] == b) & (data["spatial"] == spatial_b)].set_index(["layer", "manipulation"])
@@ -51,7 +52,8 @@ def findings(table: pd.DataFrame, metric: str = "cos_mean") -> str:
         if len(common):
             gap = lin.loc[common] - best_global.loc[common]
             lines.append(f"- Shared linear map minus the better of the two transformers, on the {len(common)} cases "
-                         f"where both ran (geometric edits with the grid permutation applied): {gap.mean():+.3f} "
+                         f"where both ran (geometric edits after the exact grid permutation, other edits as they "
+                         f"are): {gap.mean():+.3f} "
                          f"{metric} on average (range {gap.min():+.3f} to {gap.max():+.3f}); the linear map is ahead "
                          f"in {(gap > 0).sum()} of {len(common)}.")
     learned = data[(data["spatial"] == "learned")]

@@ -83,3 +83,23 @@ def test_bad_backbone_layer_and_weights(tmp_path):
         create_model("tf_efficientnet_lite0", str(wrong))
     with pytest.raises(RuntimeError, match="weights='random'"):
         create_model("resnet18", "hub")  # offline, not cached: a clear error, not a hang
+
+
+@pytest.mark.parametrize("layer", ["blocks.2", "blocks.4", "blocks.6"])
+def test_classifier_tail_reproduces_the_full_models_logits(layer):
+    from featmap.backbones import classifier_tail
+
+    b = Backbone("tf_efficientnet_lite0", [layer])
+    photos = foolbox_photos()[:4]
+    pre = b.preprocessing
+    images = np.stack([ImageSet.view(View(p), pre.size, pre.interpolation, pre.crop_pct) for p in photos])
+    tail = classifier_tail(b, layer)
+    assert torch.allclose(tail(b.features(images)[layer]), b.logits(images), atol=1e-4)
+
+
+def test_no_classifier_tail_from_tokens():
+    from featmap.backbones import classifier_tail
+
+    b = Backbone("vit_tiny_patch16_224", ["blocks.3"], weights="random")
+    with pytest.raises(ValueError, match="class tokens"):
+        classifier_tail(b, "blocks.3")

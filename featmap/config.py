@@ -47,6 +47,7 @@ class RunConfig:
     spatial: list[str] = field(default_factory=lambda: ["none", "applied", "learned"])  # geometric family only
     ridge: float | str = "auto"                     # relative ridge strength toward W = I, or auto
     learned_layers: str | list[str] = "last"        # layers for trained maps: last (of layers) | all | a list
+    semantic_layers: str | list[str] = "last"       # layers scored through the classifier tail: last | all | a list
     map_size: str = "small"                         # trained maps: small (CPU budget) | reference (the study's)
     max_epochs: int = 20                            # trained maps: epoch cap (early stopping usually ends first)
     lr: float = 1e-3                                # trained maps: AdamW learning rate (the reference: 1e-4)
@@ -82,11 +83,14 @@ class RunConfig:
         for name in ("skip_bad_images", "residual"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.learned_layers not in ("last", "all"):
-            self.learned_layers = _check_list("learned_layers", self.learned_layers, "blocks.6")
-            extra = [layer for layer in self.learned_layers if layer not in self.layers]
-            if extra:
-                raise ValueError(f"learned_layers {extra} are not in layers {self.layers}")
+        for name in ("learned_layers", "semantic_layers"):
+            value = getattr(self, name)
+            if value not in ("last", "all"):
+                value = _check_list(name, value, "blocks.6")
+                extra = [layer for layer in value if layer not in self.layers]
+                if extra:
+                    raise ValueError(f"{name} {extra} are not in layers {self.layers}")
+                setattr(self, name, value)
         if self.map_size not in MAP_SIZES:
             raise ValueError(f"unknown map_size {self.map_size!r}; known: {', '.join(MAP_SIZES)}")
         self.max_epochs = _check_number("max_epochs", self.max_epochs, int, 1, 100000)
@@ -115,11 +119,18 @@ class RunConfig:
         """Returns the config of ``chapter`` from the parameters defined in ``namespace`` (a notebook's globals)."""
         return cls(chapter=chapter, **{k: namespace[k] for k in cls.parameter_names() if k in namespace})
 
+    def _chosen(self, choice: str | list[str], layer: str) -> bool:
+        if choice == "last":
+            return layer == self.layers[-1]
+        return choice == "all" or layer in choice
+
     def trains_on(self, layer: str) -> bool:
         """Returns whether trained (gradient-descent) maps run at ``layer``."""
-        if self.learned_layers == "last":
-            return layer == self.layers[-1]
-        return self.learned_layers == "all" or layer in self.learned_layers
+        return self._chosen(self.learned_layers, layer)
+
+    def scores_semantics_on(self, layer: str) -> bool:
+        """Returns whether predictions at ``layer`` go through the classifier tail."""
+        return self._chosen(self.semantic_layers, layer)
 
     def families(self) -> list[str]:
         """Returns the families of the configured manipulations, in FAMILIES order."""

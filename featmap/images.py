@@ -41,6 +41,12 @@ class Photo:
     licence: str
     sha256: str = field(compare=False)
 
+    @property
+    def imagenet_index(self) -> int | None:
+        """Returns the ImageNet-1k class index where the label is one (``imagenet_<index>``), else None."""
+        head, _, tail = self.label.rpartition("_")
+        return int(tail) if head == "imagenet" and tail.isdigit() else None
+
 
 def load_rgb(path: str | Path) -> np.ndarray:
     """Returns the image at ``path`` as (H, W, 3) uint8 RGB (EXIF orientation applied).

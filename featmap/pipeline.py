@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backbones import Backbone
+from .backbones import Backbone, classifier_tail
 from .cache import FeatureCache, content_key
 from .config import RunConfig
 from .extraction import FeatureStore
 from .images import ImageSet, Split, View
 from .manipulations import Manipulation, get_manipulation
 from .mappings import MAPPINGS, LinearStats, MapOptions, Mapping, PositionStats
-from .metrics import FEATURE_METRICS, METRICS
+from .metrics import FEATURE_METRICS, METRICS, class_probabilities, jsd, top1_agree, topk_correct
 from .results import COLUMNS, row, sample_rows, write_results
 from .training import TrainConfig
 
@@ -112,6 +112,37 @@ class PairData:
         return self._stats[("position", part)]
 
 
+class SemanticScorer:
+    """Scores predicted maps of one (manipulation, layer) through the classifier tail, against the true
+    manipulated map's class probabilities and, where test photos carry ImageNet labels, against the labels."""
+
+    def __init__(self, tail, y_test: torch.Tensor, test: list[View], batch: int):
+        self.tail, self.batch = tail, batch
+        self.true = self.probabilities(y_test)
+        labelled = [i for i, v in enumerate(test) if v.photo.imagenet_index is not None]
+        self.labelled = torch.tensor(labelled, dtype=torch.long)
+        self.labels = torch.tensor([test[i].photo.imagenet_index for i in labelled], dtype=torch.long)
+
+    def probabilities(self, maps: torch.Tensor) -> torch.Tensor:
+        return class_probabilities(torch.cat([self.tail(maps[i:i + self.batch]) for i in range(0, len(maps), self.batch)]))
+
+    def rows(self, base: dict, pred: torch.Tensor | None, n_boot: int, seed: int) -> list[dict]:
+        """Returns top1_agree and jsd rows (vs the true manipulated map), and top1_acc / top5_acc where labels exist.
+
+        ``pred`` None scores the true manipulated map itself (accuracy rows only: the perfect map's ceiling).
+        """
+        probs = self.true if pred is None else self.probabilities(pred)
+        out = []
+        if pred is not None:
+            out.append(sample_rows(base, "top1_agree", top1_agree(probs, self.true).numpy(), n_boot, seed))
+            out.append(sample_rows(base, "jsd", jsd(probs, self.true).numpy(), n_boot, seed))
+        if len(self.labels):
+            for k in (1, 5):
+                hits = topk_correct(probs[self.labelled], self.labels, k).numpy()
+                out.append(sample_rows(base, f"top{k}_acc", hits, n_boot, seed))
+        return out
+
+
 def prepare(config: RunConfig) -> tuple[ImageSet, Split, FeatureStore, list[Manipulation]]:
     """Returns the photos, split, feature store and manipulations of a run, checking every name first."""
     if config.threads:
@@ -136,18 +167,28 @@ def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
     test = split.views("test", config.train_views)
     t0 = time.perf_counter()
     extracted = store.ensure(train + val + test, [None] + manipulations)
-    timings = {"extract_seconds": time.perf_counter() - t0, "fit_seconds": 0.0}
+    timings = {"extract_seconds": time.perf_counter() - t0, "stats_seconds": 0.0, "fit_seconds": 0.0}
     options = MapOptions(ridge=config.ridge, size=config.map_size, residual=config.residual, device=config.device,
                          cache_dir=config.cache_dir, train=TrainConfig(lr=config.lr, batch_size=config.train_batch,
                                                                        max_epochs=config.max_epochs, seed=config.seed))
     n_fit = len(train) + len(val)
-    rows = []
+    rows, tails = [], {}
     for manip in manipulations:
         for layer in store.backbone.layers:
             x_test = store.load(test, None, layer)
             y_test = store.load(test, manip, layer)
+            scorer = None
+            if config.scores_semantics_on(layer):
+                scorer = SemanticScorer(tails.setdefault(layer, classifier_tail(store.backbone, layer)), y_test,
+                                        test, config.batch_size)
+                target = {"family": manip.family, "manipulation": manip.name, "backbone": config.backbone,
+                          "layer": layer, "spatial": "none", "mapping": "target"}
+                rows += scorer.rows(target, None, config.bootstrap, config.seed)
             for spatial in spatial_modes(manip, config):
                 data = PairData(store, {"train": train, "val": val}, manip, layer, spatial, config.batch_size)
+                t1 = time.perf_counter()
+                data.stats("train"), data.stats("val")  # one streaming pass, shared by the closed-form maps
+                timings["stats_seconds"] += time.perf_counter() - t1
                 x_in = manip.grid_op(x_test) if spatial == "applied" else x_test
                 base = {"family": manip.family, "manipulation": manip.name, "backbone": config.backbone,
                         "layer": layer, "spatial": spatial}
@@ -166,6 +207,8 @@ def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
                     for metric in FEATURE_METRICS:
                         values = METRICS.get(metric).fn(pred, y_test).numpy()
                         rows.append(sample_rows(b, metric, values, config.bootstrap, config.seed))
+                    if scorer is not None:
+                        rows += scorer.rows(b, pred, config.bootstrap, config.seed)
                     rows.append(row(b, "n_train_positions", n_fit * x_test.shape[2] * x_test.shape[3], n_fit))
                     rows.append(row(b, "fit_seconds", fit_s, n_fit))
                     rows.append(row(b, "n_params", mapping.n_params(), n_fit))

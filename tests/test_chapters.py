@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import papermill as pm
+import torch
 import pytest
 
 from featmap.config import RunConfig
@@ -106,3 +107,32 @@ def test_every_map_runs_in_its_spatial_modes_and_a_rerun_trains_nothing(photo_di
     again = run_chapter(config).table
     timed = (table.metric == "fit_seconds") & ~table.mapping.isin(["mlp", "transformer_pe"])  # closed forms refit
     pd.testing.assert_frame_equal(again[~timed], table[~timed])  # trained maps report their recorded fit time
+
+
+def test_semantic_rows_match_the_full_models_own_predictions(photo_dir, tmp_path):
+    import shutil
+
+    from featmap.metrics import class_probabilities, jsd, top1_agree
+
+    labelled_dir = tmp_path / "by_class"  # class folders named imagenet_<index> carry ImageNet labels
+    for p in photo_dir.iterdir():
+        (labelled_dir / f"imagenet_{p.stem.split('_')[-1]}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, labelled_dir / f"imagenet_{p.stem.split('_')[-1]}" / p.name)
+    result = run_chapter(small_config(labelled_dir, manipulations=["grayscale"], mappings=["identity", "linear"]))
+    table, store = result.table, result.store
+    test = result.split.views("test", 1)
+    grey = result.manipulations[0]
+    p_orig = class_probabilities(store.backbone.logits(np.stack([store.image(v, None) for v in test])))
+    p_grey = class_probabilities(store.backbone.logits(np.stack([store.image(v, grey) for v in test])))
+    ident = table[(table.mapping == "identity")].set_index("metric").value
+    # float16 features move the probabilities a little; the identity map's rows are the model's own
+    assert ident["jsd"] == pytest.approx(jsd(p_orig, p_grey).mean().item(), abs=2e-3)
+    assert ident["top1_agree"] == pytest.approx(top1_agree(p_orig, p_grey).mean().item())
+    assert all(v.photo.imagenet_index is not None for v in test)
+    accuracy = table[table.metric == "top1_acc"].set_index("mapping").value
+    assert set(accuracy.index) == {"identity", "linear", "target"}
+    labels = torch.tensor([v.photo.imagenet_index for v in test])
+    assert accuracy["identity"] == pytest.approx((p_orig.argmax(1) == labels).double().mean().item())
+    assert accuracy["target"] == pytest.approx((p_grey.argmax(1) == labels).double().mean().item())
+    unlabelled = run_chapter(small_config(photo_dir, manipulations=["grayscale"], mappings=["identity"])).table
+    assert "top1_acc" not in set(unlabelled.metric) and "top1_agree" in set(unlabelled.metric)

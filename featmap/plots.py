@@ -98,3 +98,40 @@ def plot_cost(table: pd.DataFrame, metric: str = "cos_mean", layer: str | None =
     fig.suptitle(f"Quality against cost, averaged over manipulations ({layer})", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_by_layer(table: pd.DataFrame, metrics: list[str], mapping: str = "linear", height: float = 2.8):
+    """Returns a seaborn grid, one panel per metric: its value by layer (mean over manipulations of a family,
+    band = one standard deviation), one colour per backbone (weights), one line style per family."""
+    order = list(dict.fromkeys(table["layer"]))
+    data = table[(table["mapping"] == mapping) & table["metric"].isin(metrics)].copy()
+    if data.empty:
+        raise ValueError(f"no rows for mapping {mapping!r} and metrics {metrics}")
+    data["depth"] = data["layer"].map({layer: i for i, layer in enumerate(order)})
+    grid = sns.relplot(data=data, x="depth", y="value", hue="backbone", style="family", col="metric",
+                       col_order=[m for m in metrics if m in set(data["metric"])], col_wrap=min(3, len(metrics)),
+                       kind="line", errorbar="sd", height=height, facet_kws={"sharey": False}, markers=True)
+    for ax in grid.axes.flat:
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order, rotation=45, ha="right", fontsize=7)
+        ax.set_xlabel("")
+    return grid
+
+
+def plot_truncation(table: pd.DataFrame, height: float = 2.6):
+    """Returns a seaborn grid, one panel per layer: test cos_mean of the linear map truncated to its top-k
+    directions of W - I, against k (mean over manipulations of a family), with the full map's mean as a line."""
+    trunc = table[table["mapping"].str.startswith("linear_rank") & (table["metric"] == "cos_mean")].copy()
+    if trunc.empty:
+        raise ValueError("no truncated-map rows (mapping linear_rank<k>) in the table")
+    trunc["k"] = trunc["mapping"].str.removeprefix("linear_rank").astype(int)
+    order = list(dict.fromkeys(table["layer"]))
+    grid = sns.relplot(data=trunc, x="k", y="value", hue="backbone", style="family", col="layer", col_order=order,
+                       col_wrap=min(4, len(order)), kind="line", errorbar=None, height=height, markers=True)
+    full = table[(table["mapping"] == "linear") & (table["metric"] == "cos_mean")]
+    for layer, ax in zip(order, grid.axes.flat):
+        ax.set_xscale("log", base=2)
+        for backbone, d in full[full["layer"] == layer].groupby("backbone"):
+            ax.axhline(d["value"].mean(), color="0.6", lw=0.8, ls="--")
+    grid.set_axis_labels("k (directions of W - I kept)", "test cos_mean")
+    return grid

@@ -82,3 +82,28 @@ def findings(table: pd.DataFrame, metric: str = "cos_mean") -> str:
                          f"{metric} by {gain:+.3f} on average (interval above the unpermuted map in {above} of "
                          f"{total} cases).")
     return "\n".join(lines)
+
+
+def layer_findings(table: pd.DataFrame) -> str:
+    """Returns Markdown sentences on how the linear maps change with depth, computed from a layers table."""
+    from .layerwise import layer_trends
+
+    names = {"wx_share": "weight share ||Wx|| / ||Wx + b||", "bias_share": "bias share ||b|| / ||Wx + b||",
+             "erank_frac": "effective rank of W / C (Roy-Vetterli)",
+             "delta_erank_frac": "effective rank of W - I / C (Roy-Vetterli)",
+             "delta_erank_energy_frac": "effective rank of W - I / C (energy)"}
+    trends = layer_trends(table, list(names))
+    lines = []
+    for _, t in trends.iterrows():
+        direction = "rises" if t["last"] > t["first"] else "falls"
+        lines.append(f"- {t['backbone']}: {names[t['metric']]} {direction} from {t['first']:.3f} at {t['first_layer']} "
+                     f"to {t['last']:.3f} at {t['last_layer']} (Spearman correlation with depth "
+                     f"{t['spearman_with_depth']:+.2f}).")
+    cos = table[table["metric"] == "cos_mean"].pivot_table(index=["backbone", "layer", "manipulation"],
+                                                           columns="mapping", values="value")
+    if {"linear", "identity"} <= set(cos.columns):
+        gain = (cos["linear"] - cos["identity"]).groupby("backbone").agg(["mean", "min"])
+        for backbone, g in gain.iterrows():
+            lines.append(f"- {backbone}: the linear map's test cos_mean exceeds identity's by {g['mean']:+.3f} on "
+                         f"average over layers and manipulations (smallest gain {g['min']:+.3f}).")
+    return "\n".join(lines)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -3,7 +3,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import papermill as pm
-import pytest
 
 from featmap.config import RunConfig
 from featmap.layerwise import layer_trends, run_layers, stage_names

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -64,6 +63,8 @@ class PairData:
         self.store, self.views, self.manipulation, self.layer = store, views, manipulation, layer
         self.spatial, self.batch = spatial, batch
         self.spec = store.backbone.specs[layer]
+        self._loaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stats: dict[tuple[str, str], LinearStats] = {}
         self.key = content_key({part: [[store.key(v, None, layer), store.key(v, manipulation, layer)] for v in vs]
                                 for part, vs in views.items()} | {"spatial": spatial})
 
@@ -82,18 +83,10 @@ class PairData:
         for i in range(0, len(views), self.batch):
             yield self._load(views[i:i + self.batch])
 
-    @cached_property
-    def _loaded(self) -> dict:
-        return {}
-
     def tensors(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
         if part not in self._loaded:
             self._loaded[part] = self._load(self.views[part])
         return self._loaded[part]
-
-    @cached_property
-    def _stats(self) -> dict:
-        return {}
 
     def stats(self, part: str) -> LinearStats:
         if ("shared", part) not in self._stats:

@@ -35,13 +35,6 @@ class Registry(Generic[T]):
         """Returns the exact names, then the parameterised forms (e.g. ``noise_<sigma>``)."""
         return sorted(self._exact) + [shown for _, shown, _ in self._patterns]
 
-    def __contains__(self, name: object) -> bool:
-        try:
-            self.get(name)  # type: ignore[arg-type]
-        except (UnknownNameError, ValueError, TypeError):
-            return False
-        return True
-
     def get(self, name: str) -> T:
         """Returns a new object for ``name``; an unknown name raises with the known names listed."""
         if not isinstance(name, str):

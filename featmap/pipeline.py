@@ -119,21 +119,39 @@ class SemanticScorer:
     def probabilities(self, maps: torch.Tensor) -> torch.Tensor:
         return class_probabilities(torch.cat([self.tail(maps[i:i + self.batch]) for i in range(0, len(maps), self.batch)]))
 
-    def rows(self, base: dict, pred: torch.Tensor | None, n_boot: int, seed: int) -> list[dict]:
-        """Returns top1_agree and jsd rows (vs the true manipulated map), and top1_acc / top5_acc where labels exist.
+    def agreement(self, pred: torch.Tensor) -> dict[str, np.ndarray]:
+        """Returns per-sample top1_agree and jsd of ``pred`` against the true manipulated map."""
+        probs = self.probabilities(pred)
+        return {"top1_agree": top1_agree(probs, self.true).numpy(), "jsd": jsd(probs, self.true).numpy()}
 
-        ``pred`` None scores the true manipulated map itself (accuracy rows only: the perfect map's ceiling).
+    def accuracy_rows(self, base: dict, pred: torch.Tensor | None, n_boot: int, seed: int) -> list[dict]:
+        """Returns top1_acc / top5_acc rows where test photos carry ImageNet labels (none otherwise).
+
+        ``pred`` None scores the true manipulated map itself (the perfect map's ceiling).
         """
+        if not len(self.labels):
+            return []
         probs = self.true if pred is None else self.probabilities(pred)
-        out = []
-        if pred is not None:
-            out.append(sample_rows(base, "top1_agree", top1_agree(probs, self.true).numpy(), n_boot, seed))
-            out.append(sample_rows(base, "jsd", jsd(probs, self.true).numpy(), n_boot, seed))
-        if len(self.labels):
-            for k in (1, 5):
-                hits = topk_correct(probs[self.labelled], self.labels, k).numpy()
-                out.append(sample_rows(base, f"top{k}_acc", hits, n_boot, seed))
-        return out
+        return [sample_rows(base, f"top{k}_acc", topk_correct(probs[self.labelled], self.labels, k).numpy(), n_boot,
+                            seed) for k in (1, 5)]
+
+
+# The global maps the shared linear map is compared with, sample by sample (the study's second claim).
+GLOBAL_MAPS = ("transformer", "transformer_pe")
+
+
+def gap_rows(base: dict, per_sample: dict[str, dict[str, np.ndarray]], n_boot: int, seed: int) -> list[dict]:
+    """Returns rows ``<metric>_gap_<global map>`` for the linear map: the per-sample difference linear - global,
+    averaged, with a paired bootstrap interval (both maps scored on the same test photos)."""
+    if "linear" not in per_sample:
+        return []
+    out = []
+    for other in GLOBAL_MAPS:
+        for metric, values in per_sample.get(other, {}).items():
+            if metric in per_sample["linear"]:
+                out.append(sample_rows({**base, "mapping": "linear"}, f"{metric}_gap_{other}",
+                                       per_sample["linear"][metric] - values, n_boot, seed))
+    return out
 
 
 def prepare(config: RunConfig) -> tuple[ImageSet, Split, FeatureStore, list[Manipulation]]:
@@ -176,7 +194,7 @@ def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
                                         test, config.batch_size)
                 target = {"family": manip.family, "manipulation": manip.name, "backbone": config.backbone,
                           "layer": layer, "spatial": "none", "mapping": "target"}
-                rows += scorer.rows(target, None, config.bootstrap, config.seed)
+                rows += scorer.accuracy_rows(target, None, config.bootstrap, config.seed)
             for spatial in spatial_modes(manip, config):
                 data = PairData(store, {"train": train, "val": val}, manip, layer, spatial, config.batch_size)
                 t1 = time.perf_counter()
@@ -185,6 +203,7 @@ def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
                 x_in = manip.grid_op(x_test) if spatial == "applied" else x_test
                 base = {"family": manip.family, "manipulation": manip.name, "backbone": config.backbone,
                         "layer": layer, "spatial": spatial}
+                per_sample: dict[str, dict[str, np.ndarray]] = {}
                 for name in config.mappings:
                     cls = MAPPINGS.get(name)
                     if not applies(cls, manip, spatial) or (cls.learned and not config.trains_on(layer)):
@@ -197,16 +216,19 @@ def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
                     pred = torch.cat([mapping.predict(x_in[i:i + config.batch_size])
                                       for i in range(0, len(x_in), config.batch_size)])
                     b = {**base, "mapping": name}
-                    for metric in FEATURE_METRICS:
-                        values = METRICS.get(metric).fn(pred, y_test).numpy()
-                        rows.append(sample_rows(b, metric, values, config.bootstrap, config.seed))
+                    scores = {metric: METRICS.get(metric).fn(pred, y_test).numpy() for metric in FEATURE_METRICS}
                     if scorer is not None:
-                        rows += scorer.rows(b, pred, config.bootstrap, config.seed)
+                        scores.update(scorer.agreement(pred))
+                        rows += scorer.accuracy_rows(b, pred, config.bootstrap, config.seed)
+                    per_sample[name] = scores
+                    rows += [sample_rows(b, metric, values, config.bootstrap, config.seed)
+                             for metric, values in scores.items()]
                     rows.append(row(b, "n_train_positions", n_fit * x_test.shape[2] * x_test.shape[3], n_fit))
                     rows.append(row(b, "fit_seconds", fit_s, n_fit))
                     rows.append(row(b, "n_params", mapping.n_params(), n_fit))
                     for metric, value in mapping.extra_metrics().items():
                         rows.append(row(b, metric, value, n_fit))
+                rows += gap_rows(base, per_sample, config.bootstrap, config.seed)
     table = pd.DataFrame(rows, columns=COLUMNS)
     if write:
         write_results(table, config.chapter)

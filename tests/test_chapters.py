@@ -97,6 +97,13 @@ def test_every_map_runs_in_its_spatial_modes_and_a_rerun_trains_nothing(photo_di
                      ("mirror_v", "learned"): {"transformer_pe"},
                      ("noise_40", "none"): {"identity", "linear", "local_linear", "mlp", "transformer_pe"}}
     assert (table[table.metric == "epochs"].value == 2).all()
+    # paired gap rows: linear minus transformer_pe wherever both ran, equal to the difference of the means
+    gaps = table[table.metric == "cos_mean_gap_transformer_pe"].set_index(["manipulation", "spatial"])["value"]
+    cos = table[table.metric == "cos_mean"].pivot_table(index=["manipulation", "spatial"], columns="mapping",
+                                                        values="value")
+    both = cos[["linear", "transformer_pe"]].dropna()
+    assert sorted(gaps.index) == sorted(both.index) == [("mirror_v", "applied"), ("noise_40", "none")]
+    np.testing.assert_allclose(gaps.loc[both.index], both["linear"] - both["transformer_pe"], atol=2e-6)
 
     import featmap.learned
 

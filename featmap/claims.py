@@ -1,0 +1,122 @@
+"""The study's three claims, checked against the results tables: numbers and verdicts computed, never typed.
+
+1. A map can be learned for every manipulation: the fitted maps beat the identity floor (y = x).
+2. The shared linear map is close to the best global map (transformer, transformer_pe).
+3. Across layers, the linear maps' weight-vs-bias dominance and effective rank change with depth.
+
+Every verdict is one of ``VERDICTS`` and follows from a rule stated in the function's docstring, with the
+thresholds as arguments, so a reader can see exactly why a claim holds, holds partly, or does not hold.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from .pipeline import GLOBAL_MAPS
+
+VERDICTS = ("holds", "holds partly", "does not hold")
+
+# The paper's statements, quoted from its abstract (see shared/paper/seed-summary.txt).
+STATEMENTS = {
+    1: "We demonstrate the feasibility of learning such mappings for all considered transformations.",
+    2: "While global (transformer) models that operate on the full feature map often achieve best results, "
+       "the same can be achieved with a shared linear model operating on a single feature vector typically with "
+       "very little degradation in reconstruction quality, even for highly non-trivial semantic manipulations.",
+    3: "We analyze the corresponding mappings across different feature layers and characterize them according "
+       "to dominance of weight vs. bias and the effective rank of the linear transformations.",
+}
+
+
+def verdict(share: float, partly_from: float = 0.5) -> str:
+    """Returns 'holds' when ``share`` (of cases that agree with the claim) is 1, 'holds partly' when it is at
+    least ``partly_from``, else 'does not hold'; NaN (no cases) is 'does not hold'."""
+    if share != share:
+        return "does not hold"
+    return VERDICTS[0] if share >= 1.0 else VERDICTS[1] if share >= partly_from else VERDICTS[2]
+
+
+def comparable(table: pd.DataFrame) -> pd.DataFrame:
+    """Returns the rows where all maps see the same input: geometric edits after the exact grid permutation
+    (spatial ``applied``), other edits as they are (``none``)."""
+    geometric = table["family"] == "geometric"
+    return table[(geometric & (table["spatial"] == "applied")) | (~geometric & (table["spatial"] == "none"))]
+
+
+def claim_learnable(table: pd.DataFrame, metric: str = "cos_mean", mapping: str = "linear") -> pd.DataFrame:
+    """Returns one row per (family, manipulation, layer): ``mapping``'s metric, its 95% interval, identity's
+    value, and whether the interval lies entirely above identity's mean (``beats_identity``).
+
+    The best map of the case (highest value, any map) is listed next to it. Rule per family: the claim holds
+    when every case beats identity, partly when at least half do (see ``family_verdicts``).
+    """
+    data = comparable(table[table["metric"] == metric])
+    key = ["family", "manipulation", "layer"]
+    ident = data[data["mapping"] == "identity"].set_index(key)["value"].rename("identity")
+    fitted = data[data["mapping"] == mapping].set_index(key)[["value", "ci_low", "ci_high"]]
+    others = data[~data["mapping"].isin(["identity", "target"])]
+    best = others.loc[others.groupby(key)["value"].idxmax()].set_index(key)
+    out = fitted.join(ident, how="inner")
+    out["beats_identity"] = out["ci_low"] > out["identity"]
+    out["best_map"] = best["mapping"].reindex(out.index)
+    out["best_value"] = best["value"].reindex(out.index)
+    out["best_beats_identity"] = best["ci_low"].reindex(out.index) > out["identity"]
+    return out.reset_index()
+
+
+def claim_linear_close(table: pd.DataFrame, metric: str = "cos_mean", tolerance: float = 0.02) -> pd.DataFrame:
+    """Returns one row per (family, manipulation, layer): the linear map minus the better global map on
+    ``metric`` (paired per-sample gap rows ``<metric>_gap_<map>`` of the table) with its 95% paired bootstrap
+    interval, and ``close``: the interval's upper end is above ``-tolerance`` (the data cannot rule out a
+    degradation smaller than the tolerance; a linear map ahead of both is close too).
+
+    The better global map is the one with the smaller gap (the linear map's hardest comparison).
+    """
+    gaps = comparable(table[table["metric"].isin([f"{metric}_gap_{g}" for g in GLOBAL_MAPS])
+                            & (table["mapping"] == "linear")])
+    if gaps.empty:
+        return pd.DataFrame(columns=["family", "manipulation", "layer", "versus", "gap", "ci_low", "ci_high",
+                                     "close"])
+    key = ["family", "manipulation", "layer"]
+    hardest = gaps.loc[gaps.groupby(key)["value"].idxmin()].copy()
+    hardest["versus"] = hardest["metric"].str.removeprefix(f"{metric}_gap_")
+    out = hardest[key + ["versus", "value", "ci_low", "ci_high"]].rename(columns={"value": "gap"})
+    out["close"] = out["ci_high"] > -tolerance
+    return out.reset_index(drop=True)
+
+
+def family_verdicts(cases: pd.DataFrame, column: str, partly_from: float = 0.5) -> pd.DataFrame:
+    """Returns per family: cases, how many satisfy ``column`` (a boolean), the share, and the verdict."""
+    g = cases.groupby("family", sort=False)[column]
+    out = pd.DataFrame({"cases": g.size(), "agree": g.sum().astype(int)})
+    out["share"] = out["agree"] / out["cases"]
+    out["verdict"] = out["share"].map(lambda s: verdict(s, partly_from))
+    return out.reset_index()
+
+
+def claim_layer_trends(table: pd.DataFrame, metrics: tuple[str, ...] = ("bias_share", "wx_share", "erank_frac",
+                                                                          "delta_erank_frac"),
+                       strong: float = 0.8, weak: float = 0.4) -> pd.DataFrame:
+    """Returns per (backbone, metric) of the linear maps: the value at the shallowest and deepest layer (mean over
+    manipulations), the Spearman correlation of the per-layer mean with depth, and a verdict on "the metric
+    changes systematically with depth": holds when |rho| >= ``strong``, partly when >= ``weak``.
+
+    Backbones with random weights (``<name>:random``) are the control: a trend present only with trained
+    weights is a property of what the network learned, not of its architecture.
+    """
+    from .layerwise import layer_trends
+
+    trends = layer_trends(table, list(metrics))
+    if trends.empty:
+        return trends
+    rho = trends["spearman_with_depth"].abs()
+    trends["verdict"] = [VERDICTS[0] if r >= strong else VERDICTS[1] if r >= weak else VERDICTS[2]
+                         for r in rho.fillna(0)]
+    return trends
+
+
+def read_all(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Returns the chapters' tables stacked, with a ``chapter`` column (the layers chapter excluded: it is read
+    separately for claim 3, and its linear maps repeat the families' cases at more layers)."""
+    frames = [t.assign(chapter=name) for name, t in results.items() if name != "layers" and not t.empty]
+    if not frames:
+        raise ValueError(f"no family results among {sorted(results)}: run the family chapters first")
+    return pd.concat(frames, ignore_index=True)

@@ -29,7 +29,7 @@ from PIL import Image
 from .cache import atomic_write, content_key, default_cache_dir
 from .images import View
 from .registry import Registry
-from .segmentation import ObjectMask, image_digest, object_mask
+from .segmentation import ObjectMask, image_digest, object_mask, segmenter_identity
 from .seeding import rng_for
 
 
@@ -200,9 +200,7 @@ class SemanticEdit:
             views, _ = self._bound()
             key["partners_from"] = content_key(sorted((k, v.photo.sha256) for k, v in views.items()))
         if self.needs_mask or self.partner == "object":
-            import cv2
-
-            key["opencv"] = cv2.__version__
+            key["segmenter"] = segmenter_identity()
         return key
 
     def check_grid(self, height: int, width: int, layer: str = "?") -> None:

@@ -63,19 +63,22 @@ def judge_mask(mask: np.ndarray, margin: float) -> ObjectMask:
     return ObjectMask(mask, fraction, True)
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    # GrabCut leaves specks of background-coloured foreground; an edit should act on one object.
+def _drop_specks(mask: np.ndarray, keep: float = 0.25) -> np.ndarray:
+    """Returns ``mask`` without connected parts under ``keep`` times the largest part's area.
+
+    GrabCut leaves specks of background-coloured foreground; an edit should act on the object (or the
+    several similar objects: a bowl of strawberries), not on the specks."""
     import cv2
 
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    if n <= 1:
+    if n <= 2:
         return mask
-    biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    return labels == biggest
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    return np.isin(labels, 1 + np.nonzero(areas >= keep * areas.max())[0])
 
 
 def grabcut_mask(image: np.ndarray, margin: float = 1 / 8, iterations: int = 5) -> np.ndarray:
-    """Returns GrabCut's (H, W) bool foreground (largest connected part) from a centred box, seeded."""
+    """Returns GrabCut's (H, W) bool foreground (specks dropped) from a centred box, seeded."""
     import cv2
 
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -92,16 +95,22 @@ def grabcut_mask(image: np.ndarray, margin: float = 1 / 8, iterations: int = 5) 
     cv2.setRNGSeed(0)  # GrabCut's GMM initialisation draws from OpenCV's global generator
     cv2.grabCut(np.ascontiguousarray(image[..., ::-1]), labels, rect, bgd, fgd, int(iterations),
                 cv2.GC_INIT_WITH_RECT)
-    return _largest_component((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD))
+    return _drop_specks((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD))
+
+
+def segmenter_identity() -> dict:
+    """Returns what identifies the segmenter's output besides its settings: method, cleanup, OpenCV version."""
+    import cv2
+
+    return {"method": "grabcut, centred box", "cleanup": "drop parts under 1/4 of the largest",
+            "opencv": cv2.__version__}
 
 
 def object_mask(image: np.ndarray, margin: float = 1 / 8, iterations: int = 5,
                 cache_root: str | Path | None = None) -> ObjectMask:
     """Returns the judged GrabCut object mask of ``image`` (uint8 RGB), from the cache when present."""
-    import cv2
-
-    key = content_key({"kind": "grabcut", "image": image_digest(image), "margin": float(margin),
-                       "iterations": int(iterations), "opencv": cv2.__version__})
+    key = content_key({**segmenter_identity(), "image": image_digest(image), "margin": float(margin),
+                       "iterations": int(iterations)})
     path = Path(cache_root or default_cache_dir()) / "masks" / key[:2] / f"{key}.png"
     mask = None
     try:

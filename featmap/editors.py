@@ -292,13 +292,14 @@ class ObjectRecolour(SemanticEdit):
 
     needs_mask = True
 
-    def __init__(self, colour: str | tuple = "blue", saturation: float = 0.6, margin: float = 1 / 8, iterations: int = 5,
-                 cache_root: str | Path | None = None):
+    def __init__(self, colour: str | tuple = "blue", saturation: float = 0.6, margin: float = 1 / 8,
+                 iterations: int = 5, cache_root: str | Path | None = None):
         self.colour = parse_colour(colour)
         if not 0 <= saturation <= 1:
             raise ValueError(f"saturation must be in [0, 1], got {saturation}")
         super().__init__("object_recolor", {"colour": "#%02x%02x%02x" % self.colour,
-                                            "saturation": float(saturation)}, margin=margin, iterations=iterations, cache_root=cache_root)
+                                            "saturation": float(saturation)},
+                         margin=margin, iterations=iterations, cache_root=cache_root)
 
     def edit(self, image, seed, item):
         return recolour(image, self.mask(image).mask, self.colour, self.params["saturation"])
@@ -313,7 +314,8 @@ class ObjectRemove(SemanticEdit):
                  cache_root: str | Path | None = None):
         if not 0 <= grow < 0.5:
             raise ValueError(f"grow must be a fraction of the side in [0, 0.5), got {grow}")
-        super().__init__("object_remove", {"grow": float(grow), "radius": int(radius)}, margin=margin, iterations=iterations, cache_root=cache_root)
+        super().__init__("object_remove", {"grow": float(grow), "radius": int(radius)},
+                         margin=margin, iterations=iterations, cache_root=cache_root)
 
     def region(self, image: np.ndarray) -> np.ndarray:
         """Returns the (H, W) bool region this edit fills: the object mask grown by ``grow``."""
@@ -350,7 +352,8 @@ class ObjectPaste(SemanticEdit):
                  cache_root: str | Path | None = None):
         if not 0 < scale <= 1:
             raise ValueError(f"scale must be in (0, 1], got {scale}")
-        super().__init__("object_paste", {"scale": float(scale)}, margin=margin, iterations=iterations, cache_root=cache_root)
+        super().__init__("object_paste", {"scale": float(scale)},
+                         margin=margin, iterations=iterations, cache_root=cache_root)
 
     def pasted(self, image: np.ndarray, seed: int, item: str) -> tuple[np.ndarray, np.ndarray]:
         """Returns (the edited image, the (H, W) bool region the pasted object covers)."""

@@ -75,7 +75,8 @@ KINDS = {
     "qwen_image_edit": {"pipeline": "QwenImageEditPlusPipeline", "repo": "Qwen/Qwen-Image-Edit-2511",
                         "steps": 10, "size": None,
                         "call": {"true_cfg_scale": 4.5, "guidance_scale": 1.0, "negative_prompt": " "}},
-    "inpaint": {"pipeline": "StableDiffusionInpaintPipeline", "repo": "stable-diffusion-v1-5/stable-diffusion-inpainting",
+    "inpaint": {"pipeline": "StableDiffusionInpaintPipeline",
+                "repo": "stable-diffusion-v1-5/stable-diffusion-inpainting",
                 "steps": 25, "size": 512, "call": {"guidance_scale": 7.5, "strength": 1.0}},
 }
 

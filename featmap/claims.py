@@ -120,3 +120,36 @@ def read_all(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
     if not frames:
         raise ValueError(f"no family results among {sorted(results)}: run the family chapters first")
     return pd.concat(frames, ignore_index=True)
+
+
+def _sentence_share(fam: pd.DataFrame, what: str) -> str:
+    return "; ".join(f"{r.family}: {r.agree} of {r.cases} {what} ({r.verdict})" for r in fam.itertuples())
+
+
+def overall(family_tables: dict[int, pd.DataFrame], trends: pd.DataFrame | None) -> pd.DataFrame:
+    """Returns one row per claim: the paper's statement, the measured numbers in words and the verdict.
+
+    ``family_tables``: claim number -> ``family_verdicts`` output (claim 2 may stack several metrics, with a
+    ``metric`` column). A claim's overall verdict is its weakest family verdict (claim 3: its weakest metric
+    among trained-weight backbones).
+    """
+    order = {v: i for i, v in enumerate(VERDICTS)}
+    weakest = lambda vs: max(vs, key=order.get) if len(vs) else "does not hold"  # noqa: E731
+    out = []
+    if 1 in family_tables:
+        fam = family_tables[1]
+        out.append({"claim": 1, "paper": STATEMENTS[1],
+                    "measured": "best fitted map's 95% interval above identity in " + _sentence_share(fam, "cases"),
+                    "verdict": weakest(list(fam["verdict"]))})
+    if 2 in family_tables:
+        fam = family_tables[2]
+        parts = [f"{metric}: " + _sentence_share(g, "cases close") for metric, g in fam.groupby("metric", sort=False)]
+        out.append({"claim": 2, "paper": STATEMENTS[2], "measured": " | ".join(parts),
+                    "verdict": weakest(list(fam["verdict"]))})
+    if trends is not None and not trends.empty:
+        trained = trends[~trends["backbone"].str.endswith(":random")]
+        parts = [f"{t.metric} {t.first:.3f} ({t.first_layer}) to {t.last:.3f} ({t.last_layer}), "
+                 f"rho {t.spearman_with_depth:+.2f}" for t in trained.itertuples()]
+        out.append({"claim": 3, "paper": STATEMENTS[3], "measured": "; ".join(parts),
+                    "verdict": weakest(list(trained["verdict"]))})
+    return pd.DataFrame(out, columns=["claim", "paper", "measured", "verdict"])

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featmap.claims import (claim_layer_trends, claim_learnable, claim_linear_close, family_verdicts, read_all,
+from featmap.claims import (claim_layer_trends, claim_learnable, claim_linear_close, family_verdicts, overall, read_all,
                             verdict)
 from featmap.pipeline import gap_rows
 from featmap.results import COLUMNS, row
@@ -83,3 +83,17 @@ def test_layer_trends_verdicts():
 def test_read_all_needs_a_family_table():
     with pytest.raises(ValueError, match="run the family chapters"):
         read_all({"layers": pd.DataFrame([_row("photometric", "a", "linear", "cos_mean", 1.0)], columns=COLUMNS)})
+
+
+def test_overall_takes_the_weakest_family_and_ignores_the_random_control():
+    fam1 = pd.DataFrame({"family": ["photometric", "masking"], "cases": [4, 4], "agree": [4, 2],
+                         "share": [1.0, 0.5], "verdict": ["holds", "holds partly"]})
+    fam2 = fam1.assign(metric="cos_mean", verdict=["holds", "holds"], agree=[4, 4], share=[1.0, 1.0])
+    trends = pd.DataFrame({"backbone": ["b", "b:random"], "metric": ["bias_share", "bias_share"],
+                           "first_layer": ["l0", "l0"], "first": [0.1, 0.5], "last_layer": ["l3", "l3"],
+                           "last": [0.4, 0.5], "spearman_with_depth": [1.0, 0.0],
+                           "verdict": ["holds", "does not hold"]})
+    table = overall({1: fam1, 2: fam2}, trends).set_index("claim")
+    assert list(table["verdict"]) == ["holds partly", "holds", "holds"]
+    assert "masking: 2 of 4 cases (holds partly)" in table.loc[1, "measured"]
+    assert "b:random" not in table.loc[3, "measured"] and "rho +1.00" in table.loc[3, "measured"]

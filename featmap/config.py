@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from .editors import EDITORS
 from .manipulations import FAMILIES, MANIPULATIONS
 from .mappings import MAP_SIZES, MAPPINGS
+from .registry import UnknownNameError
 
 SPATIAL_MODES = ("none", "applied", "learned")
 ALL_MAPPINGS = ["identity", "additive", "linear", "procrustes", "local_linear", "linear_sgd", "mlp", "cnn",
@@ -35,7 +37,7 @@ class RunConfig:
     """One chapter run. Defaults are the embedded default (real photos, ImageNet EfficientNet-Lite0)."""
 
     chapter: str                                    # results go to results/<chapter>.csv
-    manipulations: list[str]                        # registry names, e.g. rotation_90, noise_40
+    manipulations: list[str]                        # manipulation or editor names, e.g. rotation_90, object_recolor
     backbone: str = "tf_efficientnet_lite0"         # any timm model name
     weights: str = "default"                        # default | hub | random | path to a checkpoint
     layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4", "blocks.6"])
@@ -62,13 +64,32 @@ class RunConfig:
     threads: int | None = None                      # torch CPU threads (None: torch's default)
     bootstrap: int = 1000                           # bootstrap resamples for the 95% intervals
     cache_dir: str | None = None                    # None: $FEATMAP_CACHE or .cache/featmap
+    editor_params: dict = field(default_factory=dict)  # per editor: keyword arguments, e.g. {object_recolor: {colour: red}}
+    edit_manifest: str | None = None                # CSV of your own (original, edited, edit) pairs; replaces images
 
     def __post_init__(self):
         if not isinstance(self.chapter, str) or not self.chapter.isidentifier():
             raise ValueError(f"chapter must be a plain name (letters, digits, _), got {self.chapter!r}")
         self.manipulations = _check_list("manipulations", self.manipulations, "rotation_90, grayscale")
+        if self.edit_manifest is not None and (not isinstance(self.edit_manifest, str) or not self.edit_manifest):
+            raise TypeError(f"edit_manifest must be a path string or None, got {self.edit_manifest!r}")
+        manifest_names = self.manifest_edit_names()
         for name in self.manipulations:
-            MANIPULATIONS.get(name)
+            if name not in manifest_names and not self.is_editor(name):
+                try:
+                    MANIPULATIONS.get(name)
+                except UnknownNameError:
+                    extra = f"; edits in {self.edit_manifest}: {', '.join(manifest_names)}" if manifest_names else ""
+                    raise UnknownNameError(
+                        f"unknown manipulation or editor {name!r}; manipulations: {', '.join(MANIPULATIONS.names())}; "
+                        f"editors: {', '.join(EDITORS.names())}{extra}") from None
+        if not isinstance(self.editor_params, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in self.editor_params.items()):
+            raise TypeError("editor_params must map editor names to keyword dicts, e.g. "
+                            f"{{'object_recolor': {{'colour': 'red'}}}}; got {self.editor_params!r}")
+        unused = [k for k in self.editor_params if k not in self.manipulations or not self.is_editor(k)]
+        if unused:
+            raise ValueError(f"editor_params names {unused}, which are not editors in manipulations {self.manipulations}")
         self.layers = _check_list("layers", self.layers, "blocks.4")
         self.mappings = _check_list("mappings", self.mappings, "identity, linear")
         for name in self.mappings:
@@ -132,10 +153,25 @@ class RunConfig:
         """Returns whether predictions at ``layer`` go through the classifier tail."""
         return self._chosen(self.semantic_layers, layer)
 
+    @staticmethod
+    def is_editor(name: str) -> bool:
+        """Returns whether ``name`` is a registered semantic editor (not a manipulation)."""
+        return name in EDITORS.names()
+
+    def manifest_edit_names(self) -> list[str]:
+        """Returns the edit names of ``edit_manifest`` (empty without one); reading it checks every path."""
+        if self.edit_manifest is None:
+            return []
+        from .edit_manifest import read_manifest
+
+        return sorted({p.edit for p in read_manifest(self.edit_manifest)})
+
     def families(self) -> list[str]:
-        """Returns the families of the configured manipulations, in FAMILIES order."""
-        present = {MANIPULATIONS.get(n).family for n in self.manipulations}
-        return [f for f in FAMILIES if f in present]
+        """Returns the families of the configured manipulations and edits, in FAMILIES order."""
+        manifest = self.manifest_edit_names()
+        present = {"semantic" if n in manifest or self.is_editor(n) else MANIPULATIONS.get(n).family
+                   for n in self.manipulations}
+        return [f for f in (*FAMILIES, "semantic") if f in present]
 
     def __str__(self) -> str:
         return "RunConfig " + json.dumps(asdict(self), indent=1)

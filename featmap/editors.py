@@ -391,3 +391,54 @@ def get_editor(name: str, **params) -> SemanticEdit:
     except TypeError as e:
         raise TypeError(f"editor {name!r} takes {inspect.signature(factory)}; got {params}: {e}") from None
     return factory(**params)
+
+
+class SplitEdit:
+    """One semantic edit bound separately to each split part, used like a ``Manipulation`` by the pipeline.
+
+    Partners (``background_swap``, ``object_paste``) are drawn within a part, so a test photo never borrows
+    pixels from a training photo. ``usable[part]`` lists the views each part can edit honestly; ``skipped``
+    says why the others were left out.
+    """
+
+    family = "semantic"
+    grid_op = None
+    box = None
+
+    def __init__(self, make: Callable[[], SemanticEdit], parts: dict[str, list[View]],
+                 image_of: Callable[[View], np.ndarray], seed: int):
+        self.parts = {part: make().bind(views, image_of) for part, views in parts.items()}
+        first = next(iter(self.parts.values()))
+        self.name, self.params, self.random = first.name, first.params, first.random
+        self._part_of = {v.key: part for part, views in parts.items() for v in views}
+        self.usable = {part: edit.usable(parts[part], seed) for part, edit in self.parts.items()}
+
+    def __repr__(self) -> str:
+        return f"SplitEdit({self.name!r}, {self.params})"
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Returns {view key: why it was left out} over all parts."""
+        return {k: v for edit in self.parts.values() for k, v in edit.skipped.items()}
+
+    @property
+    def edits_made(self) -> int:
+        return sum(edit.edits_made for edit in self.parts.values())
+
+    def __call__(self, image: np.ndarray, seed: int = 0, item: str = "") -> np.ndarray:
+        """Returns the edited copy of ``image`` by the edit bound to ``item``'s part."""
+        if item not in self._part_of:
+            raise KeyError(f"{self.name}: view {item!r} is in no bound split part")
+        return self.parts[self._part_of[item]](image, seed, item)
+
+    def cache_key(self, seed: int) -> dict:
+        """Returns the parts' cache keys together (each part's partners are part of what identifies the edit)."""
+        return {"name": self.name, "parts": {part: edit.cache_key(seed) for part, edit in self.parts.items()}}
+
+    def check_grid(self, height: int, width: int, layer: str = "?") -> None:
+        """Accepts every grid: a semantic edit has no spatial structure to register."""
+
+    def mask(self, view: View, image: np.ndarray) -> np.ndarray | None:
+        """Returns the object mask this edit used for ``view`` (None for edits that use no mask)."""
+        edit = self.parts[self._part_of[view.key]]
+        return edit.mask(image).mask if edit.needs_mask else None

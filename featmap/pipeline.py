@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -12,10 +13,13 @@ from .backbones import Backbone, classifier_tail
 from .cache import FeatureCache, content_key
 from .config import RunConfig
 from .extraction import FeatureStore
+from .edit_manifest import ManifestEdit, manifest_images, read_manifest
+from .editors import SemanticEdit, SplitEdit, get_editor
 from .images import ImageSet, Split, View
 from .manipulations import Manipulation, get_manipulation
 from .mappings import MAPPINGS, LinearStats, MapOptions, Mapping, PositionStats
 from .metrics import FEATURE_METRICS, METRICS, class_probabilities, jsd, top1_agree, topk_correct
+from .seeding import rng_for
 from .results import COLUMNS, row, sample_rows, write_results
 from .training import TrainConfig
 
@@ -154,37 +158,80 @@ def gap_rows(base: dict, per_sample: dict[str, dict[str, np.ndarray]], n_boot: i
     return out
 
 
-def prepare(config: RunConfig) -> tuple[ImageSet, Split, FeatureStore, list[Manipulation]]:
-    """Returns the photos, split, feature store and manipulations of a run, checking every name first."""
+def _edit_factory(name: str, config: RunConfig, pairs) -> Callable[[], SemanticEdit]:
+    if name in config.manifest_edit_names():
+        return lambda: ManifestEdit(name, pairs, cache_root=config.cache_dir)
+    params = {"cache_root": config.cache_dir, **config.editor_params.get(name, {})}
+    get_editor(name, **params)  # checks the parameters before any work
+    return lambda: get_editor(name, **params)
+
+
+def prepare(config: RunConfig) -> tuple[ImageSet, Split, FeatureStore, list[Manipulation | SplitEdit]]:
+    """Returns the photos, split, feature store and manipulations of a run, checking every name first.
+
+    Semantic edits come back bound to the split (``SplitEdit``): their object masks are computed here, and
+    ``usable`` lists the views each part can edit honestly.
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
-    manipulations = [get_manipulation(n) for n in config.manipulations]
-    images = ImageSet.from_spec(config.images, config.skip_bad_images, config.max_images, config.seed)
+    semantic = [n for n in config.manipulations if config.is_editor(n) or n in config.manifest_edit_names()]
+    manipulations = {n: get_manipulation(n) for n in config.manipulations if n not in semantic}
+    pairs = read_manifest(config.edit_manifest) if config.edit_manifest else None
+    factories = {n: _edit_factory(n, config, pairs) for n in semantic}
+    if pairs is not None:
+        images = manifest_images(pairs)
+        if config.max_images is not None and config.max_images < len(images):
+            keep = rng_for(config.seed, "subset").permutation(len(images))[:config.max_images]
+            images.photos = [images.photos[i] for i in sorted(keep)]
+    else:
+        images = ImageSet.from_spec(config.images, config.skip_bad_images, config.max_images, config.seed)
     split = images.split(config.test_fraction, config.val_fraction, config.seed)
     backbone = Backbone(config.backbone, config.layers, config.weights, config.image_size, config.device,
                         config.seed)
-    for m in manipulations:
+    for m in manipulations.values():
         for layer, spec in backbone.specs.items():
             m.check_grid(spec.height, spec.width, layer)
     store = FeatureStore(backbone, FeatureCache(config.cache_dir), seed=config.seed, batch_size=config.batch_size)
-    return images, split, store, manipulations
+    parts = {part: split.views(part, config.train_views) for part in ("train", "val", "test")}
+    for name, make in factories.items():
+        edit = SplitEdit(make, parts, lambda v: store.image(v, None), config.seed)
+        empty = [part for part, views in edit.usable.items() if not views]
+        if empty:
+            reasons = sorted(set(edit.skipped.values()))[:3]
+            raise ValueError(f"{name} can edit no photo of the {', '.join(empty)} part(s) of {len(images)} photos; "
+                             f"reasons: {reasons}")
+        manipulations[name] = edit
+    return images, split, store, [manipulations[n] for n in config.manipulations]
+
+
+def views_of(manipulation: Manipulation | SplitEdit, parts: dict[str, list[View]]) -> dict[str, list[View]]:
+    """Returns the train / val / test views ``manipulation`` runs on (all of them, or a semantic edit's usable
+    ones)."""
+    return manipulation.usable if isinstance(manipulation, SplitEdit) else parts
 
 
 def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
     """Runs every (manipulation, layer, spatial mode, mapping) of ``config``; writes results/<chapter>.csv."""
-    images, split, store, manipulations = prepare(config)
-    train = split.views("train", config.train_views)
-    val = split.views("val", config.train_views)
-    test = split.views("test", config.train_views)
     t0 = time.perf_counter()
-    extracted = store.ensure(train + val + test, [None] + manipulations)
-    timings = {"extract_seconds": time.perf_counter() - t0, "stats_seconds": 0.0, "fit_seconds": 0.0}
+    images, split, store, manipulations = prepare(config)
+    parts = {part: split.views(part, config.train_views) for part in ("train", "val", "test")}
+    plain = [m for m in manipulations if not isinstance(m, SplitEdit)]
+    prepare_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    extracted = store.ensure(parts["train"] + parts["val"] + parts["test"], [None] + plain)
+    for edit in manipulations:
+        if isinstance(edit, SplitEdit):
+            extracted += store.ensure([v for part in ("train", "val", "test") for v in edit.usable[part]], [edit])
+    timings = {"prepare_seconds": prepare_s, "extract_seconds": time.perf_counter() - t0, "stats_seconds": 0.0,
+               "fit_seconds": 0.0}
     options = MapOptions(ridge=config.ridge, size=config.map_size, residual=config.residual, device=config.device,
                          cache_dir=config.cache_dir, train=TrainConfig(lr=config.lr, batch_size=config.train_batch,
                                                                        max_epochs=config.max_epochs, seed=config.seed))
-    n_fit = len(train) + len(val)
     rows, tails = [], {}
     for manip in manipulations:
+        views = views_of(manip, parts)
+        train, val, test = views["train"], views["val"], views["test"]
+        n_fit = len(train) + len(val)
         for layer in store.backbone.layers:
             x_test = store.load(test, None, layer)
             y_test = store.load(test, manip, layer)
@@ -235,11 +282,24 @@ def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
     return RunResult(config, table, split, images, store, manipulations, timings, extracted)
 
 
-def example_images(result: RunResult, n_photos: int = 2) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
-    """Returns, for the first ``n_photos`` test photos, [(photo id, [(name, image), ...])] with the original first."""
+def example_images(result: RunResult, n_photos: int = 2,
+                   masks: bool = False) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+    """Returns, for the first ``n_photos`` test photos every manipulation can edit, [(photo id, [(name, image),
+    ...])] with the original first; ``masks`` adds the object mask a semantic edit used (outside dimmed)."""
     out = []
-    for view in result.split.views("test", 1)[:n_photos]:
-        panels = [("original", result.store.image(view, None))]
+    views = result.split.views("test", 1)
+    for m in result.manipulations:
+        if isinstance(m, SplitEdit):
+            usable = {v.key for v in m.usable["test"]}
+            views = [v for v in views if v.key in usable]
+    for view in views[:n_photos]:
+        original = result.store.image(view, None)
+        panels = [("original", original)]
+        if masks:
+            mask = next((mk for m in result.manipulations if isinstance(m, SplitEdit)
+                         for mk in [m.mask(view, original)] if mk is not None), None)
+            if mask is not None:
+                panels.append(("object mask", np.where(mask[..., None], original, original // 4).astype(np.uint8)))
         panels += [(m.name, result.store.image(view, m)) for m in result.manipulations]
         out.append((view.photo.id, panels))
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from .cache import atomic_write, content_key, default_cache_dir
 from .mappings import MAP_SIZES, MAPPINGS, FitData, Mapping
 from .seeding import derive_seed
 from .training import NormalizedMap, Normalizer, train_map
+
+if TYPE_CHECKING:
+    from .distributed import Context
 
 
 class PerPosition(nn.Module):
@@ -100,7 +104,13 @@ class LearnedMapping(Mapping):
         size = {} if self.name == "linear_sgd" else {**MAP_SIZES[self.options.size], "residual": self.options.residual}
         return content_key({"map": self.name, "size": size, "train": asdict(self.options.train), "data": data.key})
 
-    def fit(self, data: FitData) -> "LearnedMapping":
+    def fit(self, data: FitData, context: Context | None = None) -> "LearnedMapping":
+        """Returns self, trained on ``data`` or loaded from the map cache.
+
+        ``context`` (``featmap.distributed``): train under DistributedDataParallel; rank 0 decides whether the
+        cached map is usable and writes the result, and every rank ends with rank 0's map.
+        """
+        ddp = context is not None and context.distributed
         x_train, y_train = data.tensors("train")
         x_val, y_val = data.tensors("val")
         c, h, w = x_train.shape[1:]
@@ -112,21 +122,26 @@ class LearnedMapping(Mapping):
             net = build_net(self.name, c, h * w, MAP_SIZES[self.options.size], self.options.residual)
         self.model = NormalizedMap(net, Normalizer(torch.zeros(c), torch.ones(c)))
         saved = None
-        if final.is_file():
+        if final.is_file() and (not ddp or context.is_main):
             try:
                 saved = torch.load(final, map_location="cpu", weights_only=True)
                 self.model.load_state_dict(saved["model"])
             except Exception:  # unreadable or stale: never trusted, trained again
                 final.unlink(missing_ok=True)
                 saved = None
+        if ddp:
+            saved = context.broadcast(saved)
         if saved is None:
             model, history = train_map(net, (x_train, y_train), (x_val, y_val), self.options.train,
                                        resolve_device(self.options.device), checkpoint=partial,
-                                       progress=self.options.progress, desc=f"{self.name}")
+                                       progress=self.options.progress, desc=f"{self.name}", context=context)
             saved = {"model": model.state_dict(), "history": {k: v for k, v in history.items() if k != "config"}}
-            atomic_write(final, lambda f: torch.save(saved, f))
-            partial.unlink(missing_ok=True)
-            self.model.load_state_dict(saved["model"])
+            if ddp:  # rank 0's map for everyone (batch-norm buffers are rank 0's; parameters agree already)
+                saved = context.broadcast(saved)
+            if not ddp or context.is_main:
+                atomic_write(final, lambda f: torch.save(saved, f))
+                partial.unlink(missing_ok=True)
+        self.model.load_state_dict(saved["model"])
         self.model.eval()
         self.history = saved["history"]
         return self

@@ -6,6 +6,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,9 @@ from tqdm import tqdm
 
 from .cache import atomic_write
 from .seeding import derive_seed
+
+if TYPE_CHECKING:
+    from .distributed import Context
 
 
 @dataclass(frozen=True)
@@ -91,50 +95,72 @@ def _evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig
 
 def train_map(net: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
               cfg: TrainConfig, device: torch.device, checkpoint: Path | None = None, progress: bool = True,
-              desc: str = "training") -> tuple[NormalizedMap, dict]:
+              desc: str = "training", context: Context | None = None) -> tuple[NormalizedMap, dict]:
     """Returns the trained map (best validation epoch, on the CPU) and its history.
 
     ``checkpoint``: a file written atomically after every epoch; an interrupted run resumes from it.
+    ``context``: a distributed context (``featmap.distributed``); with more than one rank every rank holds all
+    pairs and the same seeded batches, takes its share of each batch and trains under DistributedDataParallel,
+    with its loss weighted by its share so the averaged gradient is the whole batch's. Rank 0 writes the
+    checkpoint and its validation loss drives the schedule on every rank.
     """
+    ddp = context is not None and context.distributed
     x_train, y_train = train
     x_val, y_val = val
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError(f"training needs training and validation pairs, got {len(x_train)} and {len(x_val)}")
+    if ddp and len(x_train) < context.world_size:
+        raise ValueError(f"{len(x_train)} training pairs cannot be shared by {context.world_size} processes")
     normalizer = Normalizer.fit(x_train)
     zx, zy = normalizer(x_train), normalizer(y_train)
     vx, vy = normalizer(x_val), normalizer(y_val)
     net = net.to(device)
+    if ddp:
+        net = context.sync_batchnorm(net, device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=cfg.plateau_patience,
                                                          factor=cfg.plateau_factor, min_lr=cfg.min_lr)
     state = {"epoch": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0, "seconds": 0.0,
              "history": []}
     best_weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    resume = checkpoint is not None and checkpoint.is_file()
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True) if resume else None
+    if ddp:  # every rank resumes from rank 0's checkpoint, or none does (no shared filesystem needed)
+        saved = context.broadcast(saved if context.is_main else None)
+    if saved is not None:
         net.load_state_dict(saved["net"])
         opt.load_state_dict(saved["opt"])
         plateau.load_state_dict(saved["plateau"])
         best_weights = saved["best_weights"]
         state = saved["state"]
+    model = context.wrap(net, device) if ddp else net
+    world = context.world_size if ddp else 1
     bar = tqdm(total=cfg.max_epochs, initial=state["epoch"], desc=desc, unit="epoch", file=sys.stderr,
                disable=not progress, leave=False)
     while state["epoch"] < cfg.max_epochs and state["bad_epochs"] < cfg.early_stop_patience:
         start = time.perf_counter()
         net.train()
         # One generator per epoch, seeded from (seed, epoch): a resumed run draws what it would have drawn.
-        torch.manual_seed(derive_seed(cfg.seed, "dropout", state["epoch"]))
+        # Dropout masks also depend on the rank: equal seeds would give every rank's i-th sample the same mask.
+        torch.manual_seed(derive_seed(cfg.seed, "dropout", state["epoch"], *([context.rank] if ddp else [])))
         order = torch.randperm(len(zx), generator=torch.Generator().manual_seed(
             derive_seed(cfg.seed, "shuffle", state["epoch"])))
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            if len(idx) < 2 and len(order) > 1:
-                continue  # a single-sample batch breaks batch norm; skip the remainder
-            loss = reference_loss(net(zx[idx].to(device)), zy[idx].to(device), cfg.mse_weight, cfg.cos_weight)
+            if len(idx) < max(2, world) and len(order) > 1:
+                continue  # a single-sample batch breaks batch norm (and a rank needs one); skip the remainder
+            mine = context.shard(idx) if ddp else idx
+            loss = reference_loss(model(zx[mine].to(device)), zy[mine].to(device), cfg.mse_weight, cfg.cos_weight)
+            if ddp:  # the loss is a mean over samples; DDP averages over ranks: weight by this rank's share
+                loss = loss * (len(mine) * world / len(idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if ddp:
+            context.sync_buffers(net)
         val_loss = _evaluate(net, vx, vy, cfg, device)
+        if ddp:
+            val_loss = context.broadcast(val_loss)
         plateau.step(val_loss)
         if val_loss < state["best_val"] - cfg.early_stop_min_delta:
             state.update(best_val=val_loss, best_epoch=state["epoch"], bad_epochs=0)
@@ -144,7 +170,7 @@ def train_map(net: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tup
         state["history"].append(val_loss)
         state["epoch"] += 1
         state["seconds"] += time.perf_counter() - start
-        if checkpoint is not None:
+        if checkpoint is not None and (not ddp or context.is_main):
             blob = {"net": net.state_dict(), "opt": opt.state_dict(), "plateau": plateau.state_dict(),
                     "best_weights": best_weights, "state": state}
             atomic_write(checkpoint, lambda f: torch.save(blob, f))

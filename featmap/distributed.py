@@ -20,7 +20,8 @@ from torch import nn
 from .backbones import resolve_device
 from .config import RunConfig
 from .mappings import MAPPINGS, LinearStats, MapOptions, PositionStats
-from .pipeline import PairData, applies, prepare, spatial_modes
+from .editors import SplitEdit
+from .pipeline import PairData, applies, prepare, spatial_modes, views_of
 from .training import TrainConfig
 
 T = TypeVar("T")
@@ -224,21 +225,25 @@ def prepare_chapter(config: RunConfig, context: Context) -> dict:
     start = time.perf_counter()
     images, split, store, manipulations = prepare(config)
     store.progress = context.is_main
-    train, val = split.views("train", config.train_views), split.views("val", config.train_views)
-    test = split.views("test", config.train_views)
-    views = train + val + test
+    parts = {part: split.views(part, config.train_views) for part in ("train", "val", "test")}
+    views = parts["train"] + parts["val"] + parts["test"]
     t0 = time.perf_counter()
-    extracted = store.ensure(context.shard(views), [None] + manipulations)
+    plain = [m for m in manipulations if not isinstance(m, SplitEdit)]
+    extracted = store.ensure(context.shard(views), [None] + plain)
+    for edit in manipulations:  # a semantic edit runs on the views its object masks allow
+        if isinstance(edit, SplitEdit):
+            usable = [v for part in ("train", "val", "test") for v in edit.usable[part]]
+            extracted += store.ensure(context.shard(usable), [edit])
     extract_local = time.perf_counter() - t0
     context.barrier()
     extract_wall = time.perf_counter() - t0
     options = map_options(config, progress=context.is_main)
     fits, trained, times = {}, [], {"stats_seconds": 0.0, "closed_form_seconds": 0.0, "train_seconds": 0.0}
     for manip in manipulations:
+        fit_views = {part: views_of(manip, parts)[part] for part in ("train", "val")}
         for layer in store.backbone.layers:
             for spatial in spatial_modes(manip, config):
-                data = ShardedPairData(context, store, {"train": train, "val": val}, manip, layer, spatial,
-                                       config.batch_size)
+                data = ShardedPairData(context, store, fit_views, manip, layer, spatial, config.batch_size)
                 t1 = time.perf_counter()
                 data.stats("train"), data.stats("val")  # one sharded pass, shared by the closed-form maps
                 times["stats_seconds"] += time.perf_counter() - t1

@@ -48,3 +48,10 @@ def truncate(W: torch.Tensor, k: int, around: torch.Tensor | None = None) -> tor
     u, s, vh = torch.linalg.svd((W - base).double(), full_matrices=False)
     k = max(0, min(int(k), len(s)))
     return (base.double() + (u[:, :k] * s[:k]) @ vh[:k]).to(W.dtype)
+
+
+def linear_geometry(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor) -> dict[str, float]:
+    """Returns the weight-vs-bias shares of y = W x + b over feature vectors X (N, C_in), and the spectrum
+    metrics of W and of W - I (prefix ``delta_``)."""
+    return {**weight_bias_shares(W, b, X), **spectrum_metrics(W),
+            **spectrum_metrics(W - torch.eye(*W.shape, dtype=W.dtype), prefix="delta_")}

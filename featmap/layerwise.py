@@ -6,12 +6,12 @@ import dataclasses
 import pandas as pd
 import torch
 
-from .analysis import spectrum_metrics, truncate, weight_bias_shares
+from .analysis import linear_geometry, truncate
 from .backbones import create_model
 from .config import RunConfig
 from .mappings import MapOptions, get_mapping, positions
 from .metrics import cos_mean
-from .pipeline import PairData, prepare
+from .pipeline import PairData, extract, prepare, views_of
 from .results import COLUMNS, row, sample_rows, write_results
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -40,10 +40,11 @@ def run_layers(config: RunConfig, control: str | None = "random", ranks=DEFAULT_
     for weights in [config.weights] + ([control] if control else []):
         cfg = dataclasses.replace(config, weights=weights)
         _, split, store, manipulations = prepare(cfg)
-        train, val = split.views("train", cfg.train_views), split.views("val", cfg.train_views)
-        test = split.views("test", 1)
-        store.ensure(train + val + test, [None] + manipulations)
+        parts = {part: split.views(part, cfg.train_views) for part in ("train", "val", "test")}
+        extract(store, parts, manipulations)
         for manip in manipulations:
+            views = views_of(manip, parts)
+            train, val, test = views["train"], views["val"], views["test"]
             spatial = "applied" if manip.grid_op is not None else "none"
             for layer in store.backbone.layers:
                 data = PairData(store, {"train": train, "val": val}, manip, layer, spatial, cfg.batch_size)
@@ -60,10 +61,7 @@ def run_layers(config: RunConfig, control: str | None = "random", ranks=DEFAULT_
                 lin = {**base, "mapping": "linear"}
                 rows.append(row(lin, "n_train_positions", n_fit * x_test.shape[2] * x_test.shape[3], n_fit))
                 rows.append(row(lin, "ridge_alpha", mapping.alpha, n_fit))
-                shares = weight_bias_shares(mapping.weight, mapping.bias, positions(x_in))
-                spectra = {**spectrum_metrics(mapping.weight),
-                           **spectrum_metrics(mapping.weight - torch.eye(len(mapping.weight)), prefix="delta_")}
-                for metric, value in {**shares, **spectra}.items():
+                for metric, value in linear_geometry(mapping.weight, mapping.bias, positions(x_in)).items():
                     rows.append(row(lin, metric, value, len(test)))
                 eye = torch.eye(len(mapping.weight))
                 for k in ranks:

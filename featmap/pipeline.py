@@ -17,7 +17,8 @@ from .edit_manifest import ManifestEdit, manifest_images, read_manifest
 from .editors import SemanticEdit, SplitEdit, get_editor
 from .images import ImageSet, Split, View
 from .manipulations import Manipulation, get_manipulation
-from .mappings import MAPPINGS, LinearStats, MapOptions, Mapping, PositionStats
+from .analysis import linear_geometry
+from .mappings import MAPPINGS, LinearStats, MapOptions, Mapping, PositionStats, positions
 from .metrics import FEATURE_METRICS, METRICS, class_probabilities, jsd, top1_agree, topk_correct
 from .seeding import rng_for
 from .results import COLUMNS, row, sample_rows, write_results
@@ -210,18 +211,25 @@ def views_of(manipulation: Manipulation | SplitEdit, parts: dict[str, list[View]
     return manipulation.usable if isinstance(manipulation, SplitEdit) else parts
 
 
+def extract(store: FeatureStore, parts: dict[str, list[View]], manipulations: list[Manipulation | SplitEdit]) -> int:
+    """Extracts whatever is missing: every view original and manipulated, a semantic edit's usable views;
+    returns how many images went through the backbone."""
+    plain = [m for m in manipulations if not isinstance(m, SplitEdit)]
+    done = store.ensure(parts["train"] + parts["val"] + parts["test"], [None] + plain)
+    for edit in manipulations:
+        if isinstance(edit, SplitEdit):
+            done += store.ensure([v for part in ("train", "val", "test") for v in edit.usable[part]], [edit])
+    return done
+
+
 def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
     """Runs every (manipulation, layer, spatial mode, mapping) of ``config``; writes results/<chapter>.csv."""
     t0 = time.perf_counter()
     images, split, store, manipulations = prepare(config)
     parts = {part: split.views(part, config.train_views) for part in ("train", "val", "test")}
-    plain = [m for m in manipulations if not isinstance(m, SplitEdit)]
     prepare_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    extracted = store.ensure(parts["train"] + parts["val"] + parts["test"], [None] + plain)
-    for edit in manipulations:
-        if isinstance(edit, SplitEdit):
-            extracted += store.ensure([v for part in ("train", "val", "test") for v in edit.usable[part]], [edit])
+    extracted = extract(store, parts, manipulations)
     timings = {"prepare_seconds": prepare_s, "extract_seconds": time.perf_counter() - t0, "stats_seconds": 0.0,
                "fit_seconds": 0.0}
     options = MapOptions(ridge=config.ridge, size=config.map_size, residual=config.residual, device=config.device,
@@ -275,6 +283,9 @@ def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
                     rows.append(row(b, "n_params", mapping.n_params(), n_fit))
                     for metric, value in mapping.extra_metrics().items():
                         rows.append(row(b, metric, value, n_fit))
+                    if name == "linear":
+                        for metric, value in linear_geometry(mapping.weight, mapping.bias, positions(x_in)).items():
+                            rows.append(row(b, metric, value, len(test)))
                 rows += gap_rows(base, per_sample, config.bootstrap, config.seed)
     table = pd.DataFrame(rows, columns=COLUMNS)
     if write:

@@ -34,6 +34,9 @@ def test_run_writes_the_contract_and_reruns_from_cache(photo_dir):
     assert cos.value.between(-1, 1).all()
     positions = table[(table.metric == "n_train_positions")].value.unique()
     assert list(positions) == [(len(result.split.train) + len(result.split.val)) * 2 * 49]
+    geometry = table[table.metric.isin(["wx_share", "bias_share", "erank_frac", "delta_erank_frac"])]
+    assert set(geometry.mapping) == {"linear"} and len(geometry) == 4 * 3  # grayscale, rotation none + applied
+    assert geometry.value.between(0, 10).all()
 
     again = run_chapter(small_config(photo_dir))
     assert again.extracted == 0  # a rerun extracts nothing

@@ -100,6 +100,13 @@ def square_view(image: np.ndarray, size: int, interpolation: str = "bicubic", cr
     pil = Image.fromarray(image)
     if random_crop is None:
         w, h = pil.size
+        if max(w, h) > 4 * min(w, h):
+            # A long strip: keep only its centre, or the resized intermediate grows with its length
+            # (a 1 x 4000 banner would become 256 x 1,024,000 pixels before the crop).
+            keep = 4 * min(w, h)
+            box = ((w - keep) // 2, 0, (w + keep) // 2, h) if w > h else (0, (h - keep) // 2, w, (h + keep) // 2)
+            pil = pil.crop(box)
+            w, h = pil.size
         scale = size / crop_pct / min(w, h)
         pil = pil.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
         w, h = pil.size

@@ -107,3 +107,37 @@ def layer_findings(table: pd.DataFrame) -> str:
             lines.append(f"- {backbone}: the linear map's test cos_mean exceeds identity's by {g['mean']:+.3f} on "
                          f"average over layers and manipulations (smallest gain {g['min']:+.3f}).")
     return "\n".join(lines)
+
+
+GEOMETRY = ("bias_share", "wx_share", "erank_frac", "delta_erank_frac")
+
+
+def geometry_by_family(tables: list[pd.DataFrame], metrics: tuple[str, ...] = GEOMETRY) -> pd.DataFrame:
+    """Returns the shared linear maps' geometry per (layer, family): the mean over manipulations of each metric
+    (geometric edits after the grid permutation), one column per metric, from any number of chapter tables."""
+    data = pd.concat(tables, ignore_index=True)
+    data = data[(data["mapping"] == "linear") & data["metric"].isin(metrics)
+                & ((data["family"] != "geometric") | (data["spatial"] == "applied"))]
+    if data.empty:
+        raise ValueError(f"no linear-map geometry rows ({', '.join(metrics)}) in the tables")
+    order = list(dict.fromkeys(data["layer"]))
+    wide = data.pivot_table(index=["layer", "family"], columns="metric", values="value", aggfunc="mean")
+    return wide.reindex(columns=[m for m in metrics if m in wide.columns]).sort_index(
+        level="layer", key=lambda idx: idx.map(order.index))
+
+
+def geometry_findings(wide: pd.DataFrame, family: str) -> str:
+    """Returns Markdown sentences placing ``family``'s linear maps among the others at each layer, computed from
+    ``geometry_by_family``'s table."""
+    lines = []
+    for layer, d in wide.groupby(level="layer", sort=False):
+        d = d.droplevel("layer")
+        if family not in d.index:
+            continue
+        for metric in d.columns:
+            ranked = d[metric].sort_values(ascending=False)
+            pos = list(ranked.index).index(family) + 1
+            others = ", ".join(f"{f} {v:.3f}" for f, v in ranked.items() if f != family)
+            lines.append(f"- {layer}, {metric}: {family} {d.loc[family, metric]:.3f}, rank {pos} of {len(ranked)}"
+                         + (f" (others: {others})" if others else "") + ".")
+    return "\n".join(lines) if lines else f"No {family} rows in the geometry table."

@@ -97,3 +97,17 @@ def test_overall_takes_the_weakest_family_and_ignores_the_random_control():
     assert list(table["verdict"]) == ["holds partly", "holds", "holds"]
     assert "masking: 2 of 4 cases (holds partly)" in table.loc[1, "measured"]
     assert "b:random" not in table.loc[3, "measured"] and "rho +1.00" in table.loc[3, "measured"]
+
+
+def test_geometry_by_family_averages_linear_rows_and_ranks_the_family():
+    from featmap.report import geometry_by_family, geometry_findings
+
+    rows = [_row("semantic", "a", "linear", "bias_share", 0.4), _row("semantic", "b", "linear", "bias_share", 0.2),
+            _row("masking", "m", "linear", "bias_share", 0.1), _row("masking", "m", "identity", "bias_share", 9.0),
+            _row("geometric", "r", "linear", "bias_share", 5.0, spatial="none"),  # raw grid: excluded
+            _row("geometric", "r", "linear", "bias_share", 0.5)]
+    wide = geometry_by_family([pd.DataFrame(rows, columns=COLUMNS)], metrics=("bias_share",))
+    assert wide.loc[("blocks.6", "semantic"), "bias_share"] == pytest.approx(0.3)
+    assert wide.loc[("blocks.6", "geometric"), "bias_share"] == pytest.approx(0.5)
+    text = geometry_findings(wide, "semantic")
+    assert "semantic 0.300, rank 2 of 3" in text and "geometric 0.500" in text

@@ -126,30 +126,58 @@ def _sentence_share(fam: pd.DataFrame, what: str) -> str:
     return "; ".join(f"{r.family}: {r.agree} of {r.cases} {what} ({r.verdict})" for r in fam.itertuples())
 
 
+# Claim 3 names two properties; each is judged by its clearest metric (see ``overall``).
+TREND_GROUPS = {"weight vs bias": ("wx_share", "bias_share"), "effective rank": ("erank_frac", "delta_erank_frac")}
+NOT_MEASURED = "not measured"
+
+
 def overall(family_tables: dict[int, pd.DataFrame], trends: pd.DataFrame | None) -> pd.DataFrame:
     """Returns one row per claim: the paper's statement, the measured numbers in words and the verdict.
 
     ``family_tables``: claim number -> ``family_verdicts`` output (claim 2 may stack several metrics, with a
-    ``metric`` column). A claim's overall verdict is its weakest family verdict (claim 3: its weakest metric
-    among trained-weight backbones).
+    ``metric`` column). A claim's overall verdict is its weakest family verdict. Claim 3 (trained weights only):
+    each property of ``TREND_GROUPS`` takes the strongest verdict among its metrics, and the claim the weaker of
+    the two. A claim with no rows is ``not measured``.
     """
     order = {v: i for i, v in enumerate(VERDICTS)}
-    weakest = lambda vs: max(vs, key=order.get) if len(vs) else "does not hold"  # noqa: E731
+    weakest = lambda vs: max(vs, key=order.get) if len(vs) else NOT_MEASURED  # noqa: E731
     out = []
-    if 1 in family_tables:
-        fam = family_tables[1]
-        out.append({"claim": 1, "paper": STATEMENTS[1],
-                    "measured": "best fitted map's 95% interval above identity in " + _sentence_share(fam, "cases"),
-                    "verdict": weakest(list(fam["verdict"]))})
-    if 2 in family_tables:
-        fam = family_tables[2]
-        parts = [f"{metric}: " + _sentence_share(g, "cases close") for metric, g in fam.groupby("metric", sort=False)]
-        out.append({"claim": 2, "paper": STATEMENTS[2], "measured": " | ".join(parts),
-                    "verdict": weakest(list(fam["verdict"]))})
-    if trends is not None and not trends.empty:
-        trained = trends[~trends["backbone"].str.endswith(":random")]
-        parts = [f"{t.metric} {t.first:.3f} ({t.first_layer}) to {t.last:.3f} ({t.last_layer}), "
-                 f"rho {t.spearman_with_depth:+.2f}" for t in trained.itertuples()]
-        out.append({"claim": 3, "paper": STATEMENTS[3], "measured": "; ".join(parts),
-                    "verdict": weakest(list(trained["verdict"]))})
+    fam = family_tables.get(1, pd.DataFrame())
+    out.append({"claim": 1, "paper": STATEMENTS[1],
+                "measured": "best fitted map's 95% interval above identity in " + _sentence_share(fam, "cases")
+                if len(fam) else "no family results",
+                "verdict": weakest(list(fam.get("verdict", [])))})
+    fam = family_tables.get(2, pd.DataFrame())
+    parts = [f"{metric}: " + _sentence_share(g, "cases close") for metric, g in fam.groupby("metric", sort=False)] \
+        if len(fam) else ["no case where the shared linear map and a global map ran on the same photos"]
+    out.append({"claim": 2, "paper": STATEMENTS[2], "measured": " | ".join(parts),
+                "verdict": weakest(list(fam.get("verdict", [])))})
+    trained = pd.DataFrame() if trends is None or trends.empty else \
+        trends[~trends["backbone"].str.endswith(":random")]
+    groups = []
+    for name, metrics in TREND_GROUPS.items():
+        got = trained[trained["metric"].isin(metrics)] if len(trained) else trained
+        if len(got):
+            best = got.loc[got["verdict"].map(order).idxmin()]
+            groups.append((name, best))
+    parts = [f"{name}: {t.metric} {t.first:.3f} ({t.first_layer}) to {t.last:.3f} ({t.last_layer}), "
+             f"rho {t.spearman_with_depth:+.2f} ({t.verdict})" for name, t in groups]
+    out.append({"claim": 3, "paper": STATEMENTS[3], "measured": "; ".join(parts) if parts else "no layers table",
+                "verdict": weakest([t.verdict for _, t in groups])})
     return pd.DataFrame(out, columns=["claim", "paper", "measured", "verdict"])
+
+
+def closeness(table: pd.DataFrame, tolerances: dict[str, float],
+              partly_from: float = 0.5) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Returns (every case of claim 2 for each metric of ``tolerances``, the per-family verdicts per metric);
+    metrics without gap rows in ``table`` are simply absent from both."""
+    cases = [claim_linear_close(table, m, t).assign(metric=m) for m, t in tolerances.items()]
+    cases = [c for c in cases if not c.empty]
+    if not cases:
+        empty = pd.DataFrame(columns=["family", "cases", "agree", "share", "verdict", "metric"])
+        return pd.DataFrame(columns=["family", "manipulation", "layer", "versus", "gap", "ci_low", "ci_high",
+                                     "close", "metric"]), empty
+    gaps = pd.concat(cases, ignore_index=True)
+    verdicts = pd.concat([family_verdicts(g, "close", partly_from).assign(metric=m)
+                          for m, g in gaps.groupby("metric", sort=False)], ignore_index=True)
+    return gaps, verdicts

@@ -135,3 +135,33 @@ def plot_truncation(table: pd.DataFrame, height: float = 2.6):
             ax.axhline(d["value"].mean(), color="0.6", lw=0.8, ls="--")
     grid.set_axis_labels("k (directions of W - I kept)", "test cos_mean")
     return grid
+
+
+def plot_gaps(cases: pd.DataFrame, tolerances: dict[str, float], height: float = 3.0):
+    """Returns a figure, one panel per metric: the linear map minus the better global map per (manipulation,
+    layer) with its 95% paired interval, coloured by family; the dashed line is minus the tolerance.
+
+    ``cases``: ``claims.claim_linear_close`` rows stacked with a ``metric`` column.
+    """
+    metrics = list(dict.fromkeys(cases["metric"]))
+    if not metrics:
+        raise ValueError("no gap rows to plot (the linear map and a global map never ran on the same case)")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(height * 1.9 * len(metrics), height + 1.2), squeeze=False)
+    families = list(dict.fromkeys(cases["family"]))
+    palette = dict(zip(families, sns.color_palette("colorblind", len(families))))
+    for ax, metric in zip(axes[0], metrics):
+        d = cases[cases["metric"] == metric].reset_index(drop=True)
+        labels = d["manipulation"] + " " + d["layer"]
+        for fam in families:
+            f = d[d["family"] == fam]
+            err = np.vstack([f["gap"] - f["ci_low"], f["ci_high"] - f["gap"]]).clip(min=0)
+            ax.errorbar(f.index, f["gap"], yerr=np.nan_to_num(err), fmt="o", ms=4, capsize=2, color=palette[fam],
+                        label=fam)
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.axhline(-tolerances[metric], color="0.3", lw=0.8, ls="--")
+        ax.set_xticks(range(len(d)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{metric}: linear - best global", fontsize=9)
+    axes[0][0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig

@@ -93,10 +93,18 @@ def test_overall_takes_the_weakest_family_and_ignores_the_random_control():
                            "first_layer": ["l0", "l0"], "first": [0.1, 0.5], "last_layer": ["l3", "l3"],
                            "last": [0.4, 0.5], "spearman_with_depth": [1.0, 0.0],
                            "verdict": ["holds", "does not hold"]})
+    trends = pd.concat([trends, trends.iloc[[0]].assign(metric="erank_frac", spearman_with_depth=0.5,
+                                                        verdict="holds partly"),
+                        trends.iloc[[0]].assign(metric="delta_erank_frac", spearman_with_depth=0.1,
+                                                verdict="does not hold")], ignore_index=True)
     table = overall({1: fam1, 2: fam2}, trends).set_index("claim")
-    assert list(table["verdict"]) == ["holds partly", "holds", "holds"]
+    # claim 3: weight vs bias holds (bias_share), effective rank partly (its best metric): the weaker is partly
+    assert list(table["verdict"]) == ["holds partly", "holds", "holds partly"]
     assert "masking: 2 of 4 cases (holds partly)" in table.loc[1, "measured"]
     assert "b:random" not in table.loc[3, "measured"] and "rho +1.00" in table.loc[3, "measured"]
+    assert "effective rank: erank_frac" in table.loc[3, "measured"]
+    empty = overall({}, None).set_index("claim")
+    assert list(empty["verdict"]) == ["not measured"] * 3
 
 
 def test_geometry_by_family_averages_linear_rows_and_ranks_the_family():

@@ -239,10 +239,11 @@ def test_ddp_training_and_stats_match_one_process(tmp_path):
     ddp = torch.load(maps[0])
     single = get_mapping("mlp", ddp_options(tmp_path / "single")).fit(Pairs(x, y))
     assert ddp["history"]["epochs"] == single.history["epochs"] == 8
-    # Same seeded batches, gradient of the whole batch: equal up to the order of float32 sums.
-    np.testing.assert_allclose(ddp["history"]["history"], single.history["history"], rtol=1e-4)
+    # Same seeded batches, gradient of the whole batch: equal up to the order of float32 sums (measured: 3e-7
+    # of the largest weight, 1e-6 relative on validation losses; asserted with ten times that room).
+    np.testing.assert_allclose(ddp["history"]["history"], single.history["history"], rtol=1e-5)
     for name, value in single.model.state_dict().items():
-        np.testing.assert_allclose(ddp["model"][name], value, rtol=0, atol=1e-4 * float(value.abs().max()) + 1e-7,
+        np.testing.assert_allclose(ddp["model"][name], value, rtol=0, atol=1e-5 * float(value.abs().max()) + 1e-8,
                                    err_msg=name)
 
 

@@ -1,0 +1,150 @@
+"""The Inverter interface contract, and the default decoder: it learns, it is cached, it resumes."""
+import numpy as np
+import pytest
+import torch
+
+import featmap.inversion as inversion
+from featmap.cache import FeatureCache
+from featmap.extraction import FeatureStore
+from featmap.images import ImageSet, View
+from featmap.inversion import (CallableInverter, DecoderInverter, Inverter, InverterConfig, InverterData,
+                               fit_decoder, inverter_path, train_inverter)
+from featmap.manipulations import get_manipulation
+from featmap.metrics import ssim, to_uint8_images
+
+# Small enough to train in seconds: blocks.4 (112 x 14 x 14) to 56 px, 6 photos x (original, mirror_h).
+SMALL = InverterConfig(image_size=56, width=64, epochs=60, batch_size=4, lr=3e-3, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine two threads make these small steps many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(lite0, tmp_path_factory):
+    return FeatureStore(lite0, FeatureCache(tmp_path_factory.mktemp("features")), progress=False)
+
+
+@pytest.fixture(scope="module")
+def views(photo_dir):
+    return [View(p, 0) for p in ImageSet.from_folder(photo_dir).photos[:6]]
+
+
+MIRROR = [get_manipulation("mirror_h")]
+
+
+def skimage_ssim(inverter, data):
+    feats, images = data.tensors()
+    return ssim(to_uint8_images(inverter.invert(feats)), images.permute(0, 2, 3, 1).numpy())
+
+
+def test_decoder_output_contract(store, views, tmp_path):
+    cfg = InverterConfig(image_size=40, width=32, epochs=1, batch_size=4, device="cpu")  # 40: not 14 * 2^k
+    inv = train_inverter(store, views[:2], [], "blocks.4", cfg, cache_dir=tmp_path, progress=False)
+    assert isinstance(inv, Inverter) and inv.layer == "blocks.4" and inv.image_size == 40
+    out = inv.invert(store.load(views[:3], None, "blocks.4"), batch_size=2)
+    assert out.shape == (3, 3, 40, 40) and out.dtype == torch.float32 and out.device.type == "cpu"
+    assert 0 <= out.min() and out.max() <= 1
+    with pytest.raises(ValueError, match="112-channel maps of blocks.4"):
+        inv.invert(store.load(views[:1], None, "blocks.6"))
+    with pytest.raises(ValueError, match="float"):
+        inv.invert(torch.zeros(1, 112, 14, 14, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_a_user_inverter_plugs_in_and_returns_cpu_images_in_zero_one(device):
+    decoder = torch.nn.Sequential(torch.nn.Conv2d(8, 3, 1), torch.nn.Upsample(size=32), torch.nn.Tanh()).to(device)
+    inv = CallableInverter(decoder, layer="stage3", image_size=32, channels=8, value_range=(-1, 1), device=device)
+    feats = torch.randn(5, 8, 4, 4)
+    out = inv.invert(feats)
+    assert out.shape == (5, 3, 32, 32) and out.dtype == torch.float32 and out.device.type == "cpu"
+    expected = (decoder(feats.to(device)).cpu() + 1) / 2
+    assert torch.allclose(out, expected.detach(), atol=1e-6)
+    raw = CallableInverter(decoder, layer="stage3", image_size=32, device=device)  # claims [0, 1], gives [-1, 1]
+    with pytest.raises(ValueError, match="must return \\[0, 1\\]"):
+        raw.invert(feats * 10)
+    wrong_size = CallableInverter(decoder, layer="stage3", image_size=64, device=device)
+    with pytest.raises(ValueError, match="expected \\(5, 3, 64, 64\\)"):
+        wrong_size.invert(feats)
+
+
+def test_the_decoder_learns_to_reconstruct_its_training_images(store, views, tmp_path):
+    data = InverterData.from_store(store, views, MIRROR, "blocks.4", SMALL.image_size)
+    untrained = fit_decoder(data, "blocks.4", InverterConfig(**{**SMALL.__dict__, "epochs": 1, "lr": 1e-9}),
+                            tmp_path, progress=False)
+    trained = train_inverter(store, views, MIRROR, "blocks.4", SMALL, cache_dir=tmp_path, progress=False)
+    before, after = skimage_ssim(untrained, data).mean(), skimage_ssim(trained, data).mean()
+    assert before < 0.3 and after > 0.6, (before, after)
+    assert trained.epochs_run == SMALL.epochs and trained.history["n_pairs"] == 12
+    assert inverter_path(trained.key, tmp_path).is_file()
+
+    again = train_inverter(store, views, MIRROR, "blocks.4", SMALL, cache_dir=tmp_path, progress=False)
+    assert again.epochs_run == 0 and again.key == trained.key  # loaded from the cache, no epoch run
+    feats = data.tensors()[0]
+    assert torch.equal(again.invert(feats), trained.invert(feats))
+    other = train_inverter(store, views, MIRROR, "blocks.4", InverterConfig(**{**SMALL.__dict__, "epochs": 1}),
+                           cache_dir=tmp_path, progress=False)
+    assert other.key != trained.key and other.epochs_run == 1  # another setting is another inverter
+
+
+def test_a_cached_inverter_is_found_without_loading_any_data(store, views, tmp_path, monkeypatch):
+    cfg = InverterConfig(image_size=28, width=16, epochs=1, batch_size=4, device="cpu")
+    train_inverter(store, views[:2], [], "blocks.4", cfg, cache_dir=tmp_path, progress=False)
+    monkeypatch.setattr(InverterData, "tensors", lambda self: pytest.fail("loaded data for a cached inverter"))
+    assert train_inverter(store, views[:2], [], "blocks.4", cfg, cache_dir=tmp_path, progress=False).epochs_run == 0
+
+
+def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(store, views, tmp_path,
+                                                                                      monkeypatch):
+    cfg = InverterConfig(image_size=28, width=16, epochs=4, batch_size=4, device="cpu")
+    data = InverterData.from_store(store, views[:3], MIRROR, "blocks.4", cfg.image_size)
+    whole = fit_decoder(data, "blocks.4", cfg, tmp_path / "whole", progress=False)
+
+    real_write, writes = inversion.atomic_write, []
+
+    def crash_on_third_write(path, write):
+        writes.append(path)
+        if len(writes) == 3:
+            raise KeyboardInterrupt  # killed after two epochs were checkpointed
+        real_write(path, write)
+
+    monkeypatch.setattr(inversion, "atomic_write", crash_on_third_write)
+    with pytest.raises(KeyboardInterrupt):
+        fit_decoder(data, "blocks.4", cfg, tmp_path / "cut", progress=False)
+    assert all(p.name.endswith(".partial.pt") for p in writes[:2])
+    monkeypatch.setattr(inversion, "atomic_write", real_write)
+    resumed = fit_decoder(data, "blocks.4", cfg, tmp_path / "cut", progress=False)
+    assert resumed.epochs_run == 2 and resumed.history["epochs"] == 4
+    assert not list((tmp_path / "cut").rglob("*.partial.pt"))
+    for a, b in zip(whole.net.state_dict().values(), resumed.net.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("torn", ["final", "partial"])
+def test_a_torn_file_is_rejected_and_the_work_redone(store, views, tmp_path, torn):
+    cfg = InverterConfig(image_size=28, width=16, epochs=2, batch_size=4, device="cpu")
+    data = InverterData.from_store(store, views[:2], [], "blocks.4", cfg.image_size)
+    first = fit_decoder(data, "blocks.4", cfg, tmp_path, progress=False)
+    path = inverter_path(first.key, tmp_path)
+    if torn == "partial":
+        path.unlink()
+        path = path.with_name(f"{first.key}.partial.pt")
+    path.write_bytes(b"PK\x03\x04 torn")
+    again = fit_decoder(data, "blocks.4", cfg, tmp_path, progress=False)
+    assert again.epochs_run == cfg.epochs
+    assert isinstance(DecoderInverter.load(inverter_path(first.key, tmp_path)), DecoderInverter)
+
+
+def test_in_memory_pairs_are_keyed_by_content_and_checked():
+    feats, images = torch.randn(4, 8, 7, 7), np.zeros((4, 28, 28, 3), np.uint8)
+    assert InverterData.from_tensors(feats, images).key == InverterData.from_tensors(feats.clone(), images).key
+    assert InverterData.from_tensors(feats + 1, images).key != InverterData.from_tensors(feats, images).key
+    with pytest.raises(ValueError, match="N > 0"):
+        InverterData.from_tensors(feats[:3], images).tensors()
+    with pytest.raises(ValueError, match="image_size must be > 0"):
+        InverterConfig(image_size=0)

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NOTEBOOKS := data geometric masking semantic layers summary
 STAGE := _build/stage
 
-.PHONY: install book test clean-book
+.PHONY: install book test bench browser clean-book
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,24 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The browser test (tests/test_browser.py) opens the book in headless Chromium. Install Debian's where root
+# and apt-get allow; elsewhere say so and go on: that test then skips with the same message.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "browser: installing Debian's chromium for the browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium >/dev/null) || echo "browser: apt-get could not install chromium; the browser test will skip"; \
+	else \
+	  echo "browser: no chromium and no root apt-get to install it; the browser test will skip"; \
+	fi
+
+# Sizes are environment or make variables, e.g. make bench BENCH_IMAGES=120 (python bench/run.py --help).
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
 
 # Run each chapter with papermill into a staging copy of the book, then render it (execution off).
 book: $(STAMP)

@@ -335,6 +335,9 @@ def score_images(recon: torch.Tensor, reference: np.ndarray | torch.Tensor, back
     absent = absent_image_metrics(names)
     out: dict[str, np.ndarray] = {}
     if {"cos_reextract_mean", "cos_reextract_median"} & set(names):  # one re-extraction serves both
+        if backbone is None:
+            raise ValueError("cos_reextract needs the judge backbone (a featmap Backbone hooked at layer); "
+                             "pass it, or leave the cos_reextract metrics out of metrics")
         mean, median = cos_reextract(backbone, layer, rec, ref)
         out.update(cos_reextract_mean=mean, cos_reextract_median=median)
     for name in names:

@@ -59,6 +59,7 @@ def test_image_metrics_take_uint8_hwc_and_lpips_inputs_are_scaled_to_minus_one_o
     assert ends.flatten().tolist() == pytest.approx([-1.0, 128 / 127.5 - 1, 1.0], abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")  # torchvision, inside lpips
 def test_lpips_plumbing_with_an_untrained_trunk(photos):
     """The package's own model class with a random trunk (no download): checks our input path, not LPIPS values."""
     import lpips

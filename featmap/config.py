@@ -10,6 +10,9 @@ from .mappings import MAP_SIZES, MAPPINGS
 from .registry import UnknownNameError
 
 SPATIAL_MODES = ("none", "applied", "learned")
+# The default inverter learns from training photos under no edit and these (one per kind of edit), the same for
+# every chapter, so one inverter per (backbone, layer) serves the whole book.
+INVERTER_MANIPULATIONS = ("rotation_90", "mirror_v", "noise_40", "hue_shift_60", "grayscale", "mask_big_square_center")
 ALL_MAPPINGS = ["identity", "additive", "linear", "procrustes", "local_linear", "linear_sgd", "mlp", "cnn",
                 "transformer", "transformer_pe"]
 
@@ -64,6 +67,12 @@ class RunConfig:
     threads: int | None = None                      # torch CPU threads (None: torch's default)
     bootstrap: int = 1000                           # bootstrap resamples for the 95% intervals
     cache_dir: str | None = None                    # None: $FEATMAP_CACHE or .cache/featmap
+    image_layers: str | list[str] = "last"          # layers scored in image space (inverter): last | all | none | a list
+    image_mappings: list[str] = field(default_factory=lambda: ["identity", "linear", "transformer", "transformer_pe"])  # maps reconstructed
+    image_photos: int | None = 16                   # test photos scored in image space (None: all); ST-LPIPS is slow on a CPU
+    inverter_size: int = 112                        # the default inverter's output side in pixels
+    inverter_epochs: int = 12                       # the default inverter's training epochs (fixed budget)
+    inverter_manipulations: list[str] = field(default_factory=lambda: list(INVERTER_MANIPULATIONS))  # its training edits
     editor_params: dict = field(default_factory=dict)  # per editor: keyword arguments, e.g. {object_recolor: {colour: red}}
     edit_manifest: str | None = None                # CSV of your own (original, edited, edit) pairs; replaces images
 
@@ -104,8 +113,21 @@ class RunConfig:
         for name in ("skip_bad_images", "residual"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("learned_layers", "semantic_layers"):
+        if self.image_layers == "none":
+            self.image_layers = []
+        self.inverter_manipulations = _check_list("inverter_manipulations", self.inverter_manipulations, "grayscale")
+        for name in self.inverter_manipulations:
+            MANIPULATIONS.get(name)
+        self.image_mappings = _check_list("image_mappings", self.image_mappings, "identity, linear")
+        for name in self.image_mappings:
+            MAPPINGS.get(name)
+        self.image_photos = _check_number("image_photos", self.image_photos, int, 1, allow_none=True)
+        self.inverter_size = _check_number("inverter_size", self.inverter_size, int, 16, 1024)
+        self.inverter_epochs = _check_number("inverter_epochs", self.inverter_epochs, int, 1, 10000)
+        for name in ("learned_layers", "semantic_layers", "image_layers"):
             value = getattr(self, name)
+            if value == [] and name == "image_layers":
+                continue
             if value not in ("last", "all"):
                 value = _check_list(name, value, "blocks.6")
                 extra = [layer for layer in value if layer not in self.layers]
@@ -165,6 +187,10 @@ class RunConfig:
         from .edit_manifest import read_manifest
 
         return sorted({p.edit for p in read_manifest(self.edit_manifest)})
+
+    def scores_images_on(self, layer: str) -> bool:
+        """Returns whether predictions at ``layer`` are reconstructed and scored in image space."""
+        return self._chosen(self.image_layers, layer)
 
     def families(self) -> list[str]:
         """Returns the families of the configured manipulations and edits, in FAMILIES order."""

@@ -16,10 +16,12 @@ from .extraction import FeatureStore
 from .edit_manifest import ManifestEdit, manifest_images, read_manifest
 from .editors import SemanticEdit, SplitEdit, get_editor
 from .images import ImageSet, Split, View
+from .imagespace import ImageScorer
+from .inversion import Inverter, InverterConfig, train_inverter
 from .manipulations import Manipulation, get_manipulation
 from .analysis import linear_geometry
 from .mappings import MAPPINGS, LinearStats, MapOptions, Mapping, PositionStats, positions
-from .metrics import FEATURE_METRICS, METRICS, class_probabilities, jsd, top1_agree, topk_correct
+from .metrics import FEATURE_METRICS, METRICS, to_uint8_images, class_probabilities, jsd, top1_agree, topk_correct
 from .seeding import rng_for
 from .results import COLUMNS, row, sample_rows, write_results
 from .training import TrainConfig
@@ -37,6 +39,14 @@ class RunResult:
     manipulations: list[Manipulation]
     timings: dict[str, float] = field(default_factory=dict)
     extracted: int = 0
+    # (manipulation, layer) -> {"original", "manipulated", "target", map label: uint8 (n, S, S, 3)}
+    reconstructions: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def comparable_mode(manipulation: Manipulation, spatial: str) -> bool:
+    """Returns whether ``spatial`` is the mode where every map sees the same input: after the exact grid
+    permutation for geometric edits, as they are for the rest."""
+    return spatial == ("applied" if manipulation.grid_op is not None else "none")
 
 
 def spatial_modes(manipulation: Manipulation, config: RunConfig) -> list[str]:
@@ -143,6 +153,8 @@ class SemanticScorer:
 
 # The global maps the shared linear map is compared with, sample by sample (the study's second claim).
 GLOBAL_MAPS = ("transformer", "transformer_pe")
+# The metrics compared that way: feature space, the classifier's decision, and image space.
+GAP_METRICS = ("cos_mean", "top1_agree", "ssim", "st_lpips", "cos_reextract_median")
 
 
 def gap_rows(base: dict, per_sample: dict[str, dict[str, np.ndarray]], n_boot: int, seed: int) -> list[dict]:
@@ -153,7 +165,7 @@ def gap_rows(base: dict, per_sample: dict[str, dict[str, np.ndarray]], n_boot: i
     out = []
     for other in GLOBAL_MAPS:
         for metric, values in per_sample.get(other, {}).items():
-            if metric in per_sample["linear"]:
+            if metric in per_sample["linear"] and metric in GAP_METRICS:
                 out.append(sample_rows({**base, "mapping": "linear"}, f"{metric}_gap_{other}",
                                        per_sample["linear"][metric] - values, n_boot, seed))
     return out
@@ -222,8 +234,30 @@ def extract(store: FeatureStore, parts: dict[str, list[View]], manipulations: li
     return done
 
 
-def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
-    """Runs every (manipulation, layer, spatial mode, mapping) of ``config``; writes results/<chapter>.csv."""
+def inverters_for(config: RunConfig, store: FeatureStore, split: Split,
+                  given: dict[str, Inverter] | None = None) -> dict[str, Inverter]:
+    """Returns an inverter per image-scored layer: ``given`` ones, else the default decoder, trained on the
+    training photos (one view each) under no edit and ``config.inverter_manipulations`` (cached by content)."""
+    given = dict(given or {})
+    layers = [layer for layer in store.backbone.layers if config.scores_images_on(layer)]
+    unknown = [layer for layer in given if layer not in store.backbone.layers]
+    if unknown:
+        raise ValueError(f"inverters given for {unknown}, which are not among layers {store.backbone.layers}")
+    edits = [get_manipulation(n) for n in config.inverter_manipulations]
+    options = InverterConfig(image_size=config.inverter_size, epochs=config.inverter_epochs, seed=config.seed,
+                             device=config.device)
+    return {layer: given.get(layer) or train_inverter(store, split.views("train", 1), edits, layer, options,
+                                                      config.cache_dir, val_views=split.views("val", 1))
+            for layer in layers}
+
+
+def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inverter] | None = None,
+                n_examples: int = 2) -> RunResult:
+    """Runs every (manipulation, layer, spatial mode, mapping) of ``config``; writes results/<chapter>.csv.
+
+    ``inverters``: {layer: Inverter} to use instead of the default decoder (see ``featmap.inversion``);
+    ``n_examples``: test photos whose reconstructions are kept for the chapter's figures.
+    """
     t0 = time.perf_counter()
     images, split, store, manipulations = prepare(config)
     parts = {part: split.views(part, config.train_views) for part in ("train", "val", "test")}
@@ -235,7 +269,11 @@ def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
     options = MapOptions(ridge=config.ridge, size=config.map_size, residual=config.residual, device=config.device,
                          cache_dir=config.cache_dir, train=TrainConfig(lr=config.lr, batch_size=config.train_batch,
                                                                        max_epochs=config.max_epochs, seed=config.seed))
-    rows, tails = [], {}
+    t0 = time.perf_counter()
+    inverters = inverters_for(config, store, split, inverters)
+    timings["inverter_seconds"] = time.perf_counter() - t0
+    timings["image_seconds"] = 0.0
+    rows, tails, reconstructions = [], {}, {}
     for manip in manipulations:
         views = views_of(manip, parts)
         train, val, test = views["train"], views["val"], views["test"]
@@ -250,6 +288,22 @@ def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
                 target = {"family": manip.family, "manipulation": manip.name, "backbone": config.backbone,
                           "layer": layer, "spatial": "none", "mapping": "target"}
                 rows += scorer.accuracy_rows(target, None, config.bootstrap, config.seed)
+            imager = None
+            if layer in inverters:
+                t1 = time.perf_counter()
+                scored = test[:config.image_photos]
+                imager = ImageScorer(inverters[layer], store.backbone, layer,
+                                     np.stack([store.image(v, manip) for v in scored]), y_test[:len(scored)],
+                                     batch_size=config.batch_size)
+                target = {"family": manip.family, "manipulation": manip.name, "backbone": config.backbone,
+                          "layer": layer, "spatial": "none", "mapping": "target"}
+                rows += [sample_rows(target, metric, values, config.bootstrap, config.seed)
+                         for metric, values in imager.target_scores().items()]
+                reconstructions[manip.name, layer] = {
+                    "original": to_uint8_images(np.stack([store.image(v, None) for v in test[:n_examples]]),
+                                                imager.size),
+                    "manipulated": imager.reference[:n_examples], "target": imager.target[:n_examples]}
+                timings["image_seconds"] += time.perf_counter() - t1
             for spatial in spatial_modes(manip, config):
                 data = PairData(store, {"train": train, "val": val}, manip, layer, spatial, config.batch_size)
                 t1 = time.perf_counter()
@@ -275,6 +329,12 @@ def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
                     if scorer is not None:
                         scores.update(scorer.agreement(pred))
                         rows += scorer.accuracy_rows(b, pred, config.bootstrap, config.seed)
+                    if imager is not None and name in config.image_mappings and comparable_mode(manip, spatial):
+                        t1 = time.perf_counter()
+                        scores.update(imager.scores(pred[:len(imager.reference)]))
+                        label = name if spatial == "none" else f"{name} ({spatial})"
+                        reconstructions[manip.name, layer][label] = imager.reconstruct(pred[:n_examples])
+                        timings["image_seconds"] += time.perf_counter() - t1
                     per_sample[name] = scores
                     rows += [sample_rows(b, metric, values, config.bootstrap, config.seed)
                              for metric, values in scores.items()]
@@ -290,7 +350,7 @@ def run_chapter(config: RunConfig, write: bool = True) -> RunResult:
     table = pd.DataFrame(rows, columns=COLUMNS)
     if write:
         write_results(table, config.chapter)
-    return RunResult(config, table, split, images, store, manipulations, timings, extracted)
+    return RunResult(config, table, split, images, store, manipulations, timings, extracted, reconstructions)
 
 
 def example_images(result: RunResult, n_photos: int = 2,

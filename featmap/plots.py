@@ -165,3 +165,28 @@ def plot_gaps(cases: pd.DataFrame, tolerances: dict[str, float], height: float =
     axes[0][0].legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
+
+
+def plot_reconstructions(reconstructions: dict, n_photos: int = 1, scale: float = 1.3):
+    """Returns a figure: one row per (manipulation, layer) and test photo; columns the original, the manipulated
+    image, the inverter's image of the true manipulated map ("target") and of each map's prediction.
+
+    ``reconstructions``: ``RunResult.reconstructions`` ((manipulation, layer) -> {panel: uint8 (n, S, S, 3)}).
+    """
+    if not reconstructions:
+        raise ValueError("no reconstructions: no layer was scored in image space (image_layers)")
+    rows = [(key, panels, i) for key, panels in reconstructions.items()
+            for i in range(min(n_photos, len(panels["original"])))]
+    n_cols = max(len(panels) for _, panels, _ in rows)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(scale * n_cols, scale * len(rows) + 0.4), squeeze=False)
+    for r, ((manip, layer), panels, i) in enumerate(rows):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c < len(panels):
+                name = list(panels)[c]
+                ax.imshow(panels[name][i])
+                ax.set_title(name, fontsize=6)
+        axes[r][0].text(-0.08, 0.5, f"{manip}\n{layer}", transform=axes[r][0].transAxes, rotation=90,
+                        ha="right", va="center", fontsize=6)
+    fig.tight_layout()
+    return fig

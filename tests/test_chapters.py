@@ -16,7 +16,7 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 def small_config(photo_dir, **kw):
     return RunConfig(**{"chapter": "geometric", "manipulations": ["rotation_90", "grayscale"],
                         "layers": ["blocks.6"], "images": str(photo_dir), "bootstrap": 200,
-                        "mappings": ["identity", "additive", "linear"], **kw})
+                        "mappings": ["identity", "additive", "linear"], "image_layers": "none", **kw})
 
 
 def test_run_writes_the_contract_and_reruns_from_cache(photo_dir):
@@ -82,11 +82,13 @@ def test_papermill_runs_a_chapter_on_a_few_photos(tmp_path, photo_dir, chapter):
     photos = {"max_images": 30, "image_size": 160} if chapter == "semantic" else {"images": str(photo_dir)}
     pm.execute_notebook(str(BOOK / f"{chapter}.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
                         parameters={**photos, "layers": ["blocks.6"], "manipulations": manips,
-                                    "bootstrap": 100, "max_epochs": 2}, progress_bar=False)
+                                    "bootstrap": 100, "max_epochs": 2, "inverter_epochs": 1, "inverter_size": 32,
+                                    "image_photos": 2}, progress_bar=False)
     table = pd.read_csv(results_dir() / f"{chapter}.csv")
     assert list(table.columns) == COLUMNS
     assert set(table.manipulation) == set(manips) and set(table.layer) == {"blocks.6"}
     assert {"transformer_pe", "local_linear", "procrustes", "cnn"} <= set(table.mapping)
+    assert {"ssim", "st_lpips", "cos_reextract_median", "ssim_vs_inv_target"} <= set(table.metric)
 
 
 def test_a_failing_chapter_shows_the_failing_cell(tmp_path, photo_dir):
@@ -152,3 +154,32 @@ def test_semantic_rows_match_the_full_models_own_predictions(photo_dir, tmp_path
     assert accuracy["target"] == pytest.approx((p_grey.argmax(1) == labels).double().mean().item())
     unlabelled = run_chapter(small_config(photo_dir, manipulations=["grayscale"], mappings=["identity"])).table
     assert "top1_acc" not in set(unlabelled.metric) and "top1_agree" in set(unlabelled.metric)
+
+
+def test_image_space_rows_with_a_planted_inverter(photo_dir):
+    """An inverter that paints every map the same grey: every reconstruction equals the target's (SSIM 1,
+    ST-LPIPS 0 against it), and the scores against the manipulated image are those of a grey image."""
+    from featmap.inversion import CallableInverter
+    from featmap.metrics import ssim, to_uint8_images
+
+    grey = CallableInverter(lambda f: torch.full((len(f), 3, 32, 32), 0.5), layer="blocks.6", image_size=32)
+    config = small_config(photo_dir, image_layers="last", image_mappings=["identity", "linear"], image_photos=3,
+                          mappings=["identity", "linear"])
+    result = run_chapter(config, inverters={"blocks.6": grey})
+    table = result.table
+    vs = table[table.metric == "ssim_vs_inv_target"]
+    assert set(vs.mapping) == {"identity", "linear"} and np.allclose(vs.value, 1.0)
+    assert np.allclose(table[table.metric == "st_lpips_vs_inv_target"].value, 0.0, atol=1e-6)
+    # scored on the comparable mode only: rotation after the permutation, grayscale as it is
+    assert set(zip(vs.manipulation, vs.spatial)) == {("rotation_90", "applied"), ("grayscale", "none")}
+    test = result.split.views("test", 1)[:3]
+    manipulated = np.stack([result.store.image(v, result.manipulations[1]) for v in test])
+    assert len(test) == 2  # fewer test photos than image_photos: all of them are scored
+    expected = ssim(np.full((2, 32, 32, 3), 128, np.uint8), to_uint8_images(manipulated, 32)).mean()
+    target = table[(table.mapping == "target") & (table.metric == "ssim") & (table.manipulation == "grayscale")]
+    assert target.value.iloc[0] == pytest.approx(expected) and (target.n == 2).all()
+    panels = result.reconstructions["grayscale", "blocks.6"]
+    assert list(panels) == ["original", "manipulated", "target", "identity", "linear"]
+    assert all(p.shape == (2, 32, 32, 3) for p in panels.values())
+    with pytest.raises(ValueError, match="inverters given for \\['blocks.2'\\]"):
+        run_chapter(config, inverters={"blocks.2": grey})

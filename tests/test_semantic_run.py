@@ -15,7 +15,7 @@ from featmap.registry import UnknownNameError
 def semantic_config(**kw):
     return RunConfig(**{"chapter": "semantic", "manipulations": ["object_recolor", "background_swap"],
                         "layers": ["blocks.6"], "max_images": 30, "train_views": 1, "bootstrap": 100,
-                        "mappings": ["identity", "linear"], "image_size": 160, **kw})
+                        "mappings": ["identity", "linear"], "image_size": 160, "image_layers": "none", **kw})
 
 
 def test_object_edits_run_on_the_photos_their_masks_allow_and_rerun_from_cache():

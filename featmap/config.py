@@ -70,8 +70,8 @@ class RunConfig:
     image_layers: str | list[str] = "last"          # layers scored in image space (inverter): last | all | none | a list
     image_mappings: list[str] = field(default_factory=lambda: ["identity", "linear", "transformer", "transformer_pe"])  # maps reconstructed
     image_photos: int | None = 16                   # test photos scored in image space (None: all); ST-LPIPS is slow on a CPU
-    inverter_size: int = 112                        # the default inverter's output side in pixels
-    inverter_epochs: int = 12                       # the default inverter's training epochs (fixed budget)
+    inverter_size: int = 56                         # the default inverter's output side in pixels
+    inverter_epochs: int = 8                        # the default inverter's training epochs (fixed budget)
     inverter_manipulations: list[str] = field(default_factory=lambda: list(INVERTER_MANIPULATIONS))  # its training edits
     editor_params: dict = field(default_factory=dict)  # per editor: keyword arguments, e.g. {object_recolor: {colour: red}}
     edit_manifest: str | None = None                # CSV of your own (original, edited, edit) pairs; replaces images

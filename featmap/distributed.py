@@ -19,10 +19,9 @@ from torch import nn
 
 from .backbones import resolve_device
 from .config import RunConfig
-from .mappings import MAPPINGS, LinearStats, MapOptions, PositionStats
+from .mappings import MAPPINGS, LinearStats, PositionStats
 from .editors import SplitEdit
-from .pipeline import PairData, applies, prepare, spatial_modes, views_of
-from .training import TrainConfig
+from .pipeline import PairData, applies, map_options, prepare, spatial_modes, views_of
 
 T = TypeVar("T")
 S = TypeVar("S", list, torch.Tensor)
@@ -202,14 +201,6 @@ class ShardedPairData(PairData):
     def position_stats(self, part: str) -> PositionStats:
         spec = self.spec
         return self._summed("position", part, PositionStats(spec.channels, spec.channels, spec.height * spec.width))
-
-
-def map_options(config: RunConfig, progress: bool = True) -> MapOptions:
-    """Returns the mapping options of a chapter run (the ones ``pipeline.run_chapter`` builds: same map keys)."""
-    return MapOptions(ridge=config.ridge, size=config.map_size, residual=config.residual, device=config.device,
-                      cache_dir=config.cache_dir, progress=progress,
-                      train=TrainConfig(lr=config.lr, batch_size=config.train_batch, max_epochs=config.max_epochs,
-                                        seed=config.seed))
 
 
 def prepare_chapter(config: RunConfig, context: Context) -> dict:

@@ -43,6 +43,15 @@ class RunResult:
     reconstructions: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
 
 
+def map_options(config: RunConfig, progress: bool = True) -> MapOptions:
+    """Returns the mapping options of a chapter run (one place: trained maps are cached under keys built from
+    them, so a distributed run and a chapter run must agree)."""
+    return MapOptions(ridge=config.ridge, size=config.map_size, residual=config.residual, device=config.device,
+                      cache_dir=config.cache_dir, progress=progress,
+                      train=TrainConfig(lr=config.lr, batch_size=config.train_batch, max_epochs=config.max_epochs,
+                                        seed=config.seed))
+
+
 def comparable_mode(manipulation: Manipulation, spatial: str) -> bool:
     """Returns whether ``spatial`` is the mode where every map sees the same input: after the exact grid
     permutation for geometric edits, as they are for the rest."""
@@ -266,9 +275,7 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
     extracted = extract(store, parts, manipulations)
     timings = {"prepare_seconds": prepare_s, "extract_seconds": time.perf_counter() - t0, "stats_seconds": 0.0,
                "fit_seconds": 0.0}
-    options = MapOptions(ridge=config.ridge, size=config.map_size, residual=config.residual, device=config.device,
-                         cache_dir=config.cache_dir, train=TrainConfig(lr=config.lr, batch_size=config.train_batch,
-                                                                       max_epochs=config.max_epochs, seed=config.seed))
+    options = map_options(config)
     t0 = time.perf_counter()
     inverters = inverters_for(config, store, split, inverters)
     timings["inverter_seconds"] = time.perf_counter() - t0

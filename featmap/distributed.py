@@ -19,9 +19,9 @@ from torch import nn
 
 from .backbones import resolve_device
 from .config import RunConfig
-from .mappings import MAPPINGS, LinearStats, PositionStats
+from .mappings import LinearStats, PositionStats
 from .editors import SplitEdit
-from .pipeline import PairData, applies, map_options, prepare, spatial_modes, views_of
+from .pipeline import PairData, map_options, maps_to_fit, prepare, spatial_modes, views_of
 
 T = TypeVar("T")
 S = TypeVar("S", list, torch.Tensor)
@@ -238,10 +238,8 @@ def prepare_chapter(config: RunConfig, context: Context) -> dict:
                 t1 = time.perf_counter()
                 data.stats("train"), data.stats("val")  # one sharded pass, shared by the closed-form maps
                 times["stats_seconds"] += time.perf_counter() - t1
-                for name in config.mappings:
-                    cls = MAPPINGS.get(name)
-                    if not applies(cls, manip, spatial) or (cls.learned and not config.trains_on(layer)):
-                        continue
+                for cls in maps_to_fit(config, manip, layer, spatial):
+                    name = cls.name
                     mapping = cls(options)
                     t2 = time.perf_counter()
                     if cls.learned:

@@ -52,6 +52,12 @@ def map_options(config: RunConfig, progress: bool = True) -> MapOptions:
                                         seed=config.seed))
 
 
+def maps_to_fit(config: RunConfig, manipulation: Manipulation, layer: str, spatial: str) -> list[type[Mapping]]:
+    """Returns the mapping classes of ``config`` that run for (manipulation, layer, spatial mode)."""
+    classes = [MAPPINGS.get(name) for name in config.mappings]
+    return [cls for cls in classes if applies(cls, manipulation, spatial) and (not cls.learned or config.trains_on(layer))]
+
+
 def comparable_mode(manipulation: Manipulation, spatial: str) -> bool:
     """Returns whether ``spatial`` is the mode where every map sees the same input: after the exact grid
     permutation for geometric edits, as they are for the rest."""
@@ -320,10 +326,8 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
                 base = {"family": manip.family, "manipulation": manip.name, "backbone": config.backbone,
                         "layer": layer, "spatial": spatial}
                 per_sample: dict[str, dict[str, np.ndarray]] = {}
-                for name in config.mappings:
-                    cls = MAPPINGS.get(name)
-                    if not applies(cls, manip, spatial) or (cls.learned and not config.trains_on(layer)):
-                        continue
+                for cls in maps_to_fit(config, manip, layer, spatial):
+                    name = cls.name
                     mapping = cls(options)
                     t2 = time.perf_counter()
                     mapping.fit(data)

@@ -37,3 +37,14 @@ def lite0():
     from featmap.backbones import Backbone
 
     return Backbone("tf_efficientnet_lite0", ["blocks.4", "blocks.6"])
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a busy 2-core machine two threads make small batches many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,13 +13,7 @@ from featmap.seeding import rng_for
 NOISE = [8, 32, 96]  # Gaussian noise sigma in grey levels
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads make these small batches many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from featmap.metrics import ssim, to_uint8_images
 SMALL = InverterConfig(image_size=56, width=64, epochs=60, batch_size=4, lr=3e-3, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads make these small steps many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

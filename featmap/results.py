@@ -36,12 +36,20 @@ def sample_rows(base: dict, metric: str, per_sample: np.ndarray, n_boot: int, se
                bootstrap_ci(per_sample, n_boot, seed, key=key))
 
 
+# Wall-clock rows: measurements of the machine, not of the maps. They go to results/timings/<chapter>.csv so that
+# the same config gives a byte-identical results/<chapter>.csv.
+TIMING_METRICS = ("fit_seconds",)
+
+
 def write_results(table: pd.DataFrame, chapter: str) -> Path:
-    """Writes ``results/<chapter>.csv`` atomically; returns its path."""
+    """Writes ``results/<chapter>.csv`` (and its timing rows to ``results/timings/<chapter>.csv``) atomically;
+    returns the results file's path."""
     if list(table.columns) != COLUMNS:
         raise ValueError(f"results table columns must be {COLUMNS}, got {list(table.columns)}")
+    timed = table["metric"].isin(TIMING_METRICS)
     path = results_dir() / f"{chapter}.csv"
-    atomic_write(path, lambda f: f.write(table.to_csv(index=False, float_format="%.6g").encode()))
+    for part, target in ((table[~timed], path), (table[timed], results_dir() / "timings" / f"{chapter}.csv")):
+        atomic_write(target, lambda f, part=part: f.write(part.to_csv(index=False, float_format="%.6g").encode()))
     return path
 
 

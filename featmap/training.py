@@ -123,8 +123,12 @@ def train_map(net: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tup
     state = {"epoch": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0, "seconds": 0.0,
              "history": []}
     best_weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    resume = checkpoint is not None and checkpoint.is_file()
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True) if resume else None
+    saved = None
+    if checkpoint is not None and checkpoint.is_file():
+        try:
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception:  # torn, foreign or carrying code: never trusted; this run trains from scratch
+            checkpoint.unlink(missing_ok=True)
     if ddp:  # every rank resumes from rank 0's checkpoint, or none does (no shared filesystem needed)
         saved = context.broadcast(saved if context.is_main else None)
     if saved is not None:

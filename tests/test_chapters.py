@@ -100,6 +100,7 @@ def test_a_failing_chapter_shows_the_failing_cell(tmp_path, photo_dir):
 
 def test_every_map_runs_in_its_spatial_modes_and_a_rerun_trains_nothing(photo_dir, monkeypatch):
     config = small_config(photo_dir, manipulations=["mirror_v", "noise_40"], max_epochs=2,
+                          spatial=["none", "applied", "learned"],
                           mappings=["identity", "linear", "local_linear", "mlp", "transformer_pe"])
     table = run_chapter(config).table
     modes = table[table.metric == "cos_mean"].groupby(["manipulation", "spatial"])["mapping"].apply(set).to_dict()

@@ -18,7 +18,8 @@ def test_defaults_are_valid_and_printable():
 @pytest.mark.parametrize("kw,error,match", [
     ({"layers": "blocks.4"}, TypeError, r"layers must be a non-empty list.*-y 'layers: \[blocks.4\]'"),
     ({"layers": []}, TypeError, "layers must be a non-empty list"),
-    ({"manipulations": ["rotate_90"]}, UnknownNameError, "unknown manipulation 'rotate_90'; known:"),
+    ({"manipulations": ["rotate_90"]}, UnknownNameError,
+     "unknown manipulation or editor 'rotate_90'; manipulations: .*rotation_90.*; editors: .*object_recolor"),
     ({"mappings": ["linear", "mlpp"]}, UnknownNameError, "unknown mapping 'mlpp'; known:"),
     ({"spatial": ["sideways"]}, ValueError, "unknown spatial mode 'sideways'; known: none, applied"),
     ({"seed": "1"}, TypeError, "seed must be an integer"),

@@ -25,7 +25,8 @@ CLOSED_FORM = ["additive", "linear", "local_linear", "procrustes"]
 # A chapter-shaped run small enough for two processes on two cores: 8 photos -> 14 views x 3 images.
 PARAMS = [["layers", "[blocks.4]"], ["image_size", "96"], ["manipulations", "[mask_big_square_center, grayscale]"],
           ["mappings", "[identity, " + ", ".join(CLOSED_FORM) + ", mlp]"], ["map_size", "tiny"],
-          ["max_epochs", "3"], ["bootstrap", "20"], ["threads", "1"], ["device", "cpu"]]
+          ["max_epochs", "3"], ["bootstrap", "20"], ["threads", "1"], ["device", "cpu"],
+          ["image_layers", "none"]]  # the chapter's inverter is trained by the chapter, not by prepare
 # A rank killed mid-extraction: its Nth cache write dies after half a file, by SIGKILL (no cleanup runs).
 DIES_MID_WRITE = """
 import os, signal, sys

@@ -21,7 +21,8 @@ from .inversion import Inverter
 from .metrics import (IMAGE_METRICS, VS_INV_TARGET, absent_image_metrics, lpips_distance, position_cosines, ssim,
                       st_lpips_distance, to_uint8_images)
 
-_DISTANCES = {"ssim": ssim, "lpips": lpips_distance, "st_lpips": st_lpips_distance}
+# The perceptual distances take one network call per batch; each call has a large fixed cost on a CPU.
+_PERCEPTUAL = {"lpips": lpips_distance, "st_lpips": st_lpips_distance}
 
 
 class ImageScorer:
@@ -64,8 +65,8 @@ class ImageScorer:
         for name in self.metrics:
             if name == "ssim":
                 out[name] = ssim(images, reference)
-            elif name in _DISTANCES:  # one network call for the whole batch: each call has a large fixed cost
-                out[name] = _DISTANCES[name](images, reference, batch_size=len(images))
+            elif name in _PERCEPTUAL:
+                out[name] = _PERCEPTUAL[name](images, reference, batch_size=len(images))
         cos = position_cosines(feats, reference_feats)
         if "cos_reextract_mean" in self.metrics:
             out["cos_reextract_mean"] = cos.mean(1).double().numpy()

@@ -211,13 +211,17 @@ class ImageSet:
         if not isinstance(images, str):
             raise TypeError(f"images must be 'default' or a folder path (string), got {images!r}")
         out = cls.default() if images == "default" else cls.from_folder(images, skip_bad=skip_bad)
+        return out.subset(max_images, seed)
+
+    def subset(self, max_images: int | None, seed: int = 0) -> "ImageSet":
+        """Returns self keeping a seeded subset of ``max_images`` photos (None, or at least as many: all)."""
         if max_images is not None:
             if int(max_images) < 3:
                 raise ValueError(f"max_images must be at least 3 (train, validation, test), got {max_images}")
-            if max_images < len(out):
-                keep = rng_for(seed, "subset").permutation(len(out))[:max_images]
-                out.photos = [out.photos[i] for i in sorted(keep)]
-        return out
+            if max_images < len(self):
+                keep = rng_for(seed, "subset").permutation(len(self))[:max_images]
+                self.photos = [self.photos[i] for i in sorted(keep)]
+        return self
 
     # -- splits and views --------------------------------------------------------------------------
 

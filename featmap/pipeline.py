@@ -22,7 +22,6 @@ from .manipulations import Manipulation, get_manipulation
 from .analysis import linear_geometry
 from .mappings import MAPPINGS, LinearStats, MapOptions, Mapping, PositionStats, positions
 from .metrics import FEATURE_METRICS, METRICS, to_uint8_images, class_probabilities, jsd, top1_agree, topk_correct
-from .seeding import rng_for
 from .results import COLUMNS, row, sample_rows, write_results
 from .training import TrainConfig
 
@@ -187,7 +186,7 @@ def gap_rows(base: dict, per_sample: dict[str, dict[str, np.ndarray]], n_boot: i
 
 
 def _edit_factory(name: str, config: RunConfig, pairs) -> Callable[[], SemanticEdit]:
-    if name in config.manifest_edit_names():
+    if pairs is not None and any(p.edit == name for p in pairs):
         return lambda: ManifestEdit(name, pairs, cache_root=config.cache_dir)
     params = {"cache_root": config.cache_dir, **config.editor_params.get(name, {})}
     get_editor(name, **params)  # checks the parameters before any work
@@ -202,15 +201,13 @@ def prepare(config: RunConfig) -> tuple[ImageSet, Split, FeatureStore, list[Mani
     """
     if config.threads:
         torch.set_num_threads(config.threads)
-    semantic = [n for n in config.manipulations if config.is_editor(n) or n in config.manifest_edit_names()]
-    manipulations = {n: get_manipulation(n) for n in config.manipulations if n not in semantic}
     pairs = read_manifest(config.edit_manifest) if config.edit_manifest else None
+    manifest_names = {p.edit for p in pairs or []}
+    semantic = [n for n in config.manipulations if config.is_editor(n) or n in manifest_names]
+    manipulations = {n: get_manipulation(n) for n in config.manipulations if n not in semantic}
     factories = {n: _edit_factory(n, config, pairs) for n in semantic}
     if pairs is not None:
-        images = manifest_images(pairs)
-        if config.max_images is not None and config.max_images < len(images):
-            keep = rng_for(config.seed, "subset").permutation(len(images))[:config.max_images]
-            images.photos = [images.photos[i] for i in sorted(keep)]
+        images = manifest_images(pairs).subset(config.max_images, config.seed)
     else:
         images = ImageSet.from_spec(config.images, config.skip_bad_images, config.max_images, config.seed)
     split = images.split(config.test_fraction, config.val_fraction, config.seed)

@@ -8,9 +8,10 @@ STAGE := _build/stage
 
 .PHONY: install book test bench browser clean-book
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -38,7 +39,7 @@ bench: $(STAMP)
 # Run each chapter with papermill into a staging copy of the book, then render it (execution off).
 book: $(STAMP)
 	rm -rf $(STAGE) && mkdir -p $(STAGE)/book
-	cp _config.yml _toc.yml $(STAGE)/ && cp book/*.md $(STAGE)/book/
+	cp _config.yml _toc.yml $(STAGE)/ && cp book/*.md $(STAGE)/book/ && cp -r book/_ext $(STAGE)/book/
 	for nb in $(NOTEBOOKS); do \
 	  $(BIN)/papermill --cwd $(STAGE)/book book/$$nb.ipynb $(STAGE)/book/$$nb.ipynb || exit 1; \
 	done

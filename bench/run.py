@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featmap.backbones import resolve_device
-from featmap.cache import REPO_ROOT, atomic_write
-from featmap.config import RunConfig
-from featmap.mappings import MapOptions, get_mapping
-from featmap.metrics import cos_mean
-from featmap.pipeline import PairData, prepare, run_chapter
-from featmap.training import TrainConfig
+from featmap.core.device import resolve_device
+from featmap.core.io import REPO_ROOT, atomic_write
+from featmap.maps.base import MapOptions, get_mapping
+from featmap.maps.data import PairData
+from featmap.run.chapter import prepare, run_chapter
+from featmap.run.config import RunConfig
+from featmap.score.metrics import cos_mean
+from featmap.train.loop import TrainConfig
 
 OUT = REPO_ROOT / "bench" / "results.json"
 # Dense bf16 tensor-core rates from the vendors' data sheets (no sparsity), for the devices we know.

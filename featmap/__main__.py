@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from .cache import REPO_ROOT, atomic_write
-from .config import RunConfig
-from .distributed import init, prepare_chapter, shutdown
+from featmap.core.distributed import init, shutdown
+from featmap.core.io import REPO_ROOT, atomic_write
+from featmap.run.config import RunConfig
+from featmap.run.distributed import prepare_chapter
 
 BOOK = REPO_ROOT / "book"
 

@@ -18,7 +18,7 @@ def _isolated_outputs(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def foolbox_dir() -> Path:
-    from featmap.images import foolbox_photos
+    from featmap.data.images import foolbox_photos
 
     return foolbox_photos()[0].path.parent
 
@@ -34,7 +34,7 @@ def photo_dir(tmp_path_factory, foolbox_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def lite0():
-    from featmap.backbones import Backbone
+    from featmap.features.backbone import Backbone
 
     return Backbone("tf_efficientnet_lite0", ["blocks.4", "blocks.6"])
 

@@ -2,8 +2,13 @@
 import pytest
 import torch
 
-from featmap.analysis import spectrum_metrics, truncate, weight_bias_shares
-from featmap.metrics import class_probabilities, effective_rank, jsd, top1_agree, topk_correct
+from featmap.score.geometry import (
+    effective_rank,
+    spectrum_metrics,
+    truncate,
+    weight_bias_shares,
+)
+from featmap.score.metrics import class_probabilities, jsd, top1_agree, topk_correct
 
 
 @pytest.mark.parametrize("c", [1, 7, 64])

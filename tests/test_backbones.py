@@ -3,8 +3,14 @@ import pytest
 import timm
 import torch
 
-from featmap.backbones import Backbone, FeatureSpec, create_model, load_checkpoint, rename_lite_keys
-from featmap.images import ImageSet, View, foolbox_photos
+from featmap.data.images import ImageSet, View, foolbox_photos
+from featmap.features.backbone import (
+    Backbone,
+    FeatureSpec,
+    create_model,
+    load_checkpoint,
+    rename_lite_keys,
+)
 
 
 def test_wheel_weights_classify_real_imagenet_photos(lite0):
@@ -17,7 +23,7 @@ def test_wheel_weights_classify_real_imagenet_photos(lite0):
 
 
 def test_wheel_keys_rename_one_to_one_onto_timm():
-    from featmap.backbones import _wheel_checkpoint
+    from featmap.features.backbone import _wheel_checkpoint
 
     state = rename_lite_keys(load_checkpoint(_wheel_checkpoint("tf_efficientnet_lite0")))
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -87,7 +93,7 @@ def test_bad_backbone_layer_and_weights(tmp_path):
 
 @pytest.mark.parametrize("layer", ["blocks.2", "blocks.4", "blocks.6"])
 def test_classifier_tail_reproduces_the_full_models_logits(layer):
-    from featmap.backbones import classifier_tail
+    from featmap.features.backbone import classifier_tail
 
     b = Backbone("tf_efficientnet_lite0", [layer])
     photos = foolbox_photos()[:4]
@@ -98,7 +104,7 @@ def test_classifier_tail_reproduces_the_full_models_logits(layer):
 
 
 def test_no_classifier_tail_from_tokens():
-    from featmap.backbones import classifier_tail
+    from featmap.features.backbone import classifier_tail
 
     b = Backbone("vit_tiny_patch16_224", ["blocks.3"], weights="random")
     with pytest.raises(ValueError, match="class tokens"):

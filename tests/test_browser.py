@@ -171,6 +171,7 @@ def small_book(tmp_path_factory, photo_dir) -> tuple[Path, list[str]]:
         env.setenv("FEATMAP_RESULTS", str(root / "results"))
         for md in (REPO / "book").glob("*.md"):
             shutil.copy(md, stage / "book")
+        shutil.copytree(REPO / "book" / "_ext", stage / "book" / "_ext")
         for name in files:
             notebook = REPO / f"{name}.ipynb"
             if not notebook.is_file():

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from featmap.cache import FeatureCache, content_key
-from featmap.extraction import FeatureStore
-from featmap.images import ImageSet
-from featmap.manipulations import get_manipulation
+from featmap.core.io import content_key
+from featmap.data.images import ImageSet
+from featmap.edits.manipulations import get_manipulation
+from featmap.features.store import FeatureCache, FeatureStore
 
 
 def test_round_trip_is_float16_and_identical(tmp_path):

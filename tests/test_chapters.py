@@ -3,12 +3,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import papermill as pm
-import torch
 import pytest
+import torch
 
-from featmap.config import RunConfig
-from featmap.pipeline import run_chapter
-from featmap.results import COLUMNS, results_dir
+from featmap.core.table import COLUMNS, results_dir
+from featmap.run.chapter import run_chapter
+from featmap.run.config import RunConfig
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
 
@@ -48,7 +48,7 @@ def test_run_writes_the_contract_and_reruns_from_cache(photo_dir):
 def test_identity_rows_are_the_direct_cosine(photo_dir):
     result = run_chapter(small_config(photo_dir, mappings=["identity"], manipulations=["rotation_90"]))
     store, test = result.store, result.split.views("test", 1)
-    from featmap.manipulations import get_manipulation
+    from featmap.edits.manipulations import get_manipulation
 
     rot = get_manipulation("rotation_90")
     x, y = store.load(test, None, "blocks.6"), store.load(test, rot, "blocks.6")
@@ -117,12 +117,12 @@ def test_every_map_runs_in_its_spatial_modes_and_a_rerun_trains_nothing(photo_di
     assert sorted(gaps.index) == sorted(both.index) == [("mirror_v", "applied"), ("noise_40", "none")]
     np.testing.assert_allclose(gaps.loc[both.index], both["linear"] - both["transformer_pe"], atol=2e-6)
 
-    import featmap.learned
+    import featmap.maps.learned
 
     def no_training(*a, **k):
         raise AssertionError("a rerun trained a map")
 
-    monkeypatch.setattr(featmap.learned, "train_map", no_training)
+    monkeypatch.setattr(featmap.maps.learned, "train_map", no_training)
     again = run_chapter(config).table
     timed = (table.metric == "fit_seconds") & ~table.mapping.isin(["mlp", "transformer_pe"])  # closed forms refit
     pd.testing.assert_frame_equal(again[~timed], table[~timed])  # trained maps report their recorded fit time
@@ -131,7 +131,7 @@ def test_every_map_runs_in_its_spatial_modes_and_a_rerun_trains_nothing(photo_di
 def test_semantic_rows_match_the_full_models_own_predictions(photo_dir, tmp_path):
     import shutil
 
-    from featmap.metrics import class_probabilities, jsd, top1_agree
+    from featmap.score.metrics import class_probabilities, jsd, top1_agree
 
     labelled_dir = tmp_path / "by_class"  # class folders named imagenet_<index> carry ImageNet labels
     for p in photo_dir.iterdir():
@@ -160,8 +160,9 @@ def test_semantic_rows_match_the_full_models_own_predictions(photo_dir, tmp_path
 def test_image_space_rows_with_a_planted_inverter(photo_dir):
     """An inverter that paints every map the same grey: every reconstruction equals the target's (SSIM 1,
     ST-LPIPS 0 against it), and the scores against the manipulated image are those of a grey image."""
-    from featmap.inversion import CallableInverter
-    from featmap.metrics import ssim, to_uint8_images
+    from featmap.data.images import to_uint8_images
+    from featmap.score.images import ssim
+    from featmap.score.inversion import CallableInverter
 
     grey = CallableInverter(lambda f: torch.full((len(f), 3, 32, 32), 0.5), layer="blocks.6", image_size=32)
     config = small_config(photo_dir, image_layers="last", image_mappings=["identity", "linear"], image_photos=3,

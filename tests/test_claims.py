@@ -5,10 +5,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featmap.claims import (claim_layer_trends, claim_learnable, claim_linear_close, family_verdicts, overall, read_all,
-                            verdict)
-from featmap.pipeline import gap_rows
-from featmap.results import COLUMNS, row
+from featmap.core.table import COLUMNS, row
+from featmap.report.claims import (
+    claim_layer_trends,
+    claim_learnable,
+    claim_linear_close,
+    family_verdicts,
+    overall,
+    read_all,
+    verdict,
+)
+from featmap.run.chapter import gap_rows
 
 
 def _row(family, manip, mapping, metric, value, ci=None, spatial=None, layer="blocks.6", backbone="b"):
@@ -108,7 +115,7 @@ def test_overall_takes_the_weakest_family_and_ignores_the_random_control():
 
 
 def test_geometry_by_family_averages_linear_rows_and_ranks_the_family():
-    from featmap.report import geometry_by_family, geometry_findings
+    from featmap.report.findings import geometry_by_family, geometry_findings
 
     rows = [_row("semantic", "a", "linear", "bias_share", 0.4), _row("semantic", "b", "linear", "bias_share", 0.2),
             _row("masking", "m", "linear", "bias_share", 0.1), _row("masking", "m", "identity", "bias_share", 9.0),

@@ -1,7 +1,7 @@
 import pytest
 
-from featmap.config import RunConfig
-from featmap.registry import UnknownNameError
+from featmap.core.registry import UnknownNameError
+from featmap.run.config import RunConfig
 
 
 def make(**kw):

@@ -12,13 +12,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import featmap.learned as learned
+import featmap.maps.learned as learned
 from featmap import distributed
 from featmap.__main__ import build_config, chapter_defaults
-from featmap.distributed import Context, ShardedPairData, map_options
-from featmap.mappings import LinearStats, MapOptions, get_mapping
-from featmap.pipeline import PairData, prepare, run_chapter
-from featmap.training import TrainConfig
+from featmap.core.distributed import Context
+from featmap.maps.base import MapOptions, get_mapping
+from featmap.maps.data import PairData, ShardedPairData
+from featmap.maps.stats import LinearStats
+from featmap.run.chapter import map_options, prepare, run_chapter
+from featmap.train.loop import TrainConfig
 
 BIN = Path(sys.executable).parent
 CLOSED_FORM = ["additive", "linear", "local_linear", "procrustes"]
@@ -30,7 +32,7 @@ PARAMS = [["layers", "[blocks.4]"], ["image_size", "96"], ["manipulations", "[ma
 # A rank killed mid-extraction: its Nth cache write dies after half a file, by SIGKILL (no cleanup runs).
 DIES_MID_WRITE = """
 import os, signal, sys
-import featmap.cache as cache
+import featmap.core.io as cache
 real, calls = cache.atomic_write, [0]
 def torn(f):
     f.write(b"\\x93NUMPY half a file")

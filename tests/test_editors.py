@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featmap.editors import EDITORS, SkippedItem, get_editor
-from featmap.images import ImageSet, Photo, View, load_rgb
-from featmap.registry import UnknownNameError
-from featmap.segmentation import judge_mask, object_mask
+from featmap.core.registry import UnknownNameError
+from featmap.data.images import ImageSet, Photo, View, load_rgb
+from featmap.edits.editors import EDITORS, get_editor
+from featmap.edits.segmentation import judge_mask, object_mask
+from featmap.edits.semantic import SkippedItem
 
 SIDE = 96
 
@@ -218,7 +219,7 @@ def manifest(tmp_path):
 
 
 def test_manifest_edit_lines_up_with_the_original_view(manifest):
-    from featmap.edit_manifest import manifest_edits, manifest_images, read_manifest
+    from featmap.edits.manifest import manifest_edits, manifest_images, read_manifest
 
     pairs = read_manifest(manifest)
     assert [p.photo_id for p in pairs] == ["manifest/orig/0.png", "manifest/orig/1.png"]
@@ -239,7 +240,7 @@ def test_manifest_edit_lines_up_with_the_original_view(manifest):
 
 
 def test_manifest_rejects_paths_that_escape_its_folder(tmp_path):
-    from featmap.edit_manifest import read_manifest
+    from featmap.edits.manifest import read_manifest
 
     folder = tmp_path / "m"
     folder.mkdir()
@@ -254,7 +255,7 @@ def test_manifest_rejects_paths_that_escape_its_folder(tmp_path):
 
 
 def test_manifest_names_missing_files_and_bad_headers(tmp_path):
-    from featmap.edit_manifest import read_manifest
+    from featmap.edits.manifest import read_manifest
 
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "edits.csv").write_text("original,edited,edit\na.png,gone/b.png,x\n")
@@ -268,7 +269,7 @@ def test_manifest_names_missing_files_and_bad_headers(tmp_path):
 
 
 def test_manifest_skips_photos_without_that_edit(manifest):
-    from featmap.edit_manifest import manifest_edits, read_manifest
+    from featmap.edits.manifest import manifest_edits, read_manifest
 
     text = manifest.read_text().splitlines()
     manifest.write_text("\n".join(text[:2] + [text[2].replace("upscaled", "other")]) + "\n")

@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from featmap.editors import get_editor, grow
-from featmap.generative import PROMPTS, WeightsNotFound, load_pipeline, resolve_prompt, tiny_pipeline
+from featmap.edits.editors import get_editor
+from featmap.edits.generative import (
+    PROMPTS,
+    WeightsNotFound,
+    load_pipeline,
+    resolve_prompt,
+    tiny_pipeline,
+)
+from featmap.edits.semantic import grow
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,20 @@ import numpy as np
 import pytest
 import torch
 
-import featmap.metrics as metrics
-from featmap.images import load_rgb, square_view
-from featmap.metrics import (IMAGE_METRICS, METRICS, absent_image_metrics, cos_reextract, lpips_available,
-                             lpips_distance, score_images, ssim, st_lpips_distance, to_uint8_images)
-from featmap.seeding import rng_for
+import featmap.score.images as metrics
+from featmap.core.seeding import rng_for
+from featmap.data.images import load_rgb, square_view, to_uint8_images
+from featmap.score.images import (
+    IMAGE_METRICS,
+    absent_image_metrics,
+    cos_reextract,
+    lpips_available,
+    lpips_distance,
+    score_images,
+    ssim,
+    st_lpips_distance,
+)
+from featmap.score.metrics import METRICS
 
 NOISE = [8, 32, 96]  # Gaussian noise sigma in grey levels
 

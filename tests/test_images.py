@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featmap.images import ImageLoadError, ImageSet, View, load_rgb, square_view
+from featmap.data.images import ImageLoadError, ImageSet, View, load_rgb, square_view
 
 
 def save(img: Image.Image, path, **kw):

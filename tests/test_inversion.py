@@ -3,14 +3,21 @@ import numpy as np
 import pytest
 import torch
 
-import featmap.inversion as inversion
-from featmap.cache import FeatureCache
-from featmap.extraction import FeatureStore
-from featmap.images import ImageSet, View
-from featmap.inversion import (CallableInverter, DecoderInverter, Inverter, InverterConfig, InverterData,
-                               fit_decoder, inverter_path, train_inverter)
-from featmap.manipulations import get_manipulation
-from featmap.metrics import ssim, to_uint8_images
+import featmap.score.inversion as inversion
+from featmap.data.images import ImageSet, View, to_uint8_images
+from featmap.edits.manipulations import get_manipulation
+from featmap.features.store import FeatureCache, FeatureStore
+from featmap.score.images import ssim
+from featmap.score.inversion import (
+    CallableInverter,
+    DecoderInverter,
+    Inverter,
+    InverterConfig,
+    InverterData,
+    fit_decoder,
+    inverter_path,
+    train_inverter,
+)
 
 # Small enough to train in seconds: blocks.4 (112 x 14 x 14) to 56 px, 6 photos x (original, mirror_h).
 SMALL = InverterConfig(image_size=56, width=64, epochs=60, batch_size=4, lr=3e-3, device="cpu")

@@ -4,9 +4,10 @@ import numpy as np
 import pandas as pd
 import papermill as pm
 
-from featmap.config import RunConfig
-from featmap.layerwise import layer_trends, run_layers, stage_names
-from featmap.results import COLUMNS, results_dir
+from featmap.core.table import COLUMNS, results_dir
+from featmap.report.trends import layer_trends
+from featmap.run.config import RunConfig
+from featmap.run.layers import run_layers, stage_names
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
 

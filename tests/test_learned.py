@@ -2,11 +2,13 @@
 import pytest
 import torch
 
-import featmap.learned as learned
-import featmap.training as training
-from featmap.mappings import LinearStats, MapOptions, PositionStats, get_mapping
-from featmap.metrics import cos_mean
-from featmap.training import Normalizer, NormalizedMap, TrainConfig, train_map
+import featmap.maps.learned as learned
+import featmap.train.loop as training
+from featmap.maps.base import MapOptions, get_mapping
+from featmap.maps.stats import LinearStats, PositionStats
+from featmap.score.metrics import cos_mean
+from featmap.train.loop import TrainConfig, train_map
+from featmap.train.normalizer import NormalizedMap, Normalizer
 
 
 class Pairs:
@@ -170,7 +172,7 @@ def test_a_trained_map_is_cached_and_reused(tmp_path, monkeypatch):
 
 
 def test_learned_map_metadata():
-    from featmap.mappings import MAPPINGS
+    from featmap.maps.base import MAPPINGS
 
     per_position = {n: MAPPINGS.get(n).per_position for n in MAPPINGS.names()}
     assert per_position == {"additive": True, "cnn": False, "identity": True, "linear": True, "linear_sgd": True,

@@ -3,8 +3,13 @@ import pytest
 import torch
 from PIL import Image
 
-from featmap.manipulations import MANIPULATIONS, REFERENCE_SETS, get_manipulation, mask
-from featmap.registry import UnknownNameError
+from featmap.core.registry import UnknownNameError
+from featmap.edits.manipulations import (
+    MANIPULATIONS,
+    REFERENCE_SETS,
+    get_manipulation,
+    mask,
+)
 
 ALL_REFERENCE = [n for names in REFERENCE_SETS.values() for n in names]
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from featmap.mappings import (MAPPINGS, RIDGE_GRID, Additive, Identity, Linear, LinearStats, MapOptions, fit_ridge,
-                              get_mapping, positions)
-from featmap.registry import UnknownNameError
+from featmap.core.registry import UnknownNameError
+from featmap.maps.base import MAPPINGS, MapOptions, get_mapping
+from featmap.maps.closed_form import Additive, Identity, Linear
+from featmap.maps.stats import RIDGE_GRID, LinearStats, fit_ridge, positions
 
 
 class StatsData:

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from featmap.metrics import METRICS, bootstrap_ci, cos_mean, cos_median, position_cosines, rel_err
+from featmap.core.bootstrap import bootstrap_ci
+from featmap.score.metrics import (
+    METRICS,
+    cos_mean,
+    cos_median,
+    position_cosines,
+    rel_err,
+)
 
 
 def test_cosines_of_known_pairs():

@@ -25,18 +25,19 @@ import pytest
 import torch
 from PIL import Image
 
-from featmap.backbones import create_model, resolve_device
-from featmap.cache import FeatureCache
-from featmap.config import RunConfig
-from featmap.extraction import FeatureStore
-from featmap.images import ImageLoadError, ImageSet, load_rgb, square_view
-from featmap.manipulations import get_manipulation
-from featmap.mappings import MAPPINGS, MapOptions, get_mapping
-from featmap.metrics import METRICS, effective_rank
-from featmap.pipeline import run_chapter
-from featmap.registry import UnknownNameError
 from featmap import results
-from featmap.training import TrainConfig
+from featmap.core.device import resolve_device
+from featmap.core.registry import UnknownNameError
+from featmap.data.images import ImageLoadError, ImageSet, load_rgb, square_view
+from featmap.edits.manipulations import get_manipulation
+from featmap.features.backbone import create_model
+from featmap.features.store import FeatureCache, FeatureStore
+from featmap.maps.base import MAPPINGS, MapOptions, get_mapping
+from featmap.run.chapter import run_chapter
+from featmap.run.config import RunConfig
+from featmap.score.geometry import effective_rank
+from featmap.score.metrics import METRICS
+from featmap.train.loop import TrainConfig
 
 PACKAGE = Path(__file__).resolve().parent.parent / "featmap"
 
@@ -177,7 +178,7 @@ def test_a_folder_of_every_kind_extracts_the_readable_and_names_the_rest(tmp_pat
     assert {p.path.name for p in images.photos} == {paths[k].name for k in readable}
     assert sorted(s.split(":")[0] for s in images.skipped) == sorted(paths[k].name for k in IMAGE_KINDS
                                                                      if k not in readable)
-    from featmap.images import View
+    from featmap.data.images import View
 
     views = [View(p) for p in images.photos]
     store = FeatureStore(lite0, FeatureCache(tmp_path / "cache"), progress=False, batch_size=8)
@@ -190,7 +191,7 @@ def test_a_long_strip_is_viewed_without_a_giant_intermediate(tmp_path):
     # Resizing a 1 x 4000 strip so its short side reaches 256 px before cropping needs about 790 MB; the view
     # must stay near the size of the strip. Measured in a fresh process: peak RSS is per process.
     path = _save(tmp_path / "strip.png", Image.fromarray(_photo(11, 8, 4000)[:1]))
-    code = ("import resource, sys; from featmap.images import load_rgb, square_view;"
+    code = ("import resource, sys; from featmap.data.images import load_rgb, square_view;"
             "a = load_rgb(sys.argv[1]); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
             "v = square_view(a, 224, 'bicubic', 0.875); assert v.shape == (224, 224, 3);"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
@@ -275,13 +276,13 @@ WRONG_PARAMETER_CASES = [
 
 
 def _backbone(layers):
-    from featmap.backbones import Backbone
+    from featmap.features.backbone import Backbone
 
     return Backbone("tf_efficientnet_lite0", layers, weights="random")
 
 
 def _lite0_wheel() -> str:
-    from featmap.backbones import _wheel_checkpoint
+    from featmap.features.backbone import _wheel_checkpoint
 
     return str(_wheel_checkpoint("tf_efficientnet_lite0"))
 
@@ -312,12 +313,12 @@ def _run_child(plan: dict, run_dir: str) -> None:
     file (what a filesystem without atomic rename, or a disk error, would leave). Writes its write counts."""
     import traceback
 
-    import featmap.cache
-    import featmap.learned
-    import featmap.training
+    import featmap.core.io
+    import featmap.maps.learned
+    import featmap.train.loop
 
     os.environ["FEATMAP_RESULTS"] = str(Path(run_dir) / "results")
-    real, counts, kill = featmap.cache.atomic_write, {}, plan["kill"]
+    real, counts, kill = featmap.core.io.atomic_write, {}, plan["kill"]
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -348,8 +349,9 @@ def _run_child(plan: dict, run_dir: str) -> None:
         real(path, half if kill["how"] == "mid" else lambda f: f.write(data))
         die()  # "after": the file is complete and renamed
 
-    for module in (featmap.cache, featmap.learned, featmap.training):
-        module.atomic_write = hooked
+    for name, module in list(sys.modules.items()):  # every module that writes through the atomic helper
+        if name.startswith("featmap.") and getattr(module, "atomic_write", None) is real:
+            module.atomic_write = hooked
     try:
         run_chapter(RunConfig(**plan["config"]))
     except BaseException:
@@ -361,7 +363,7 @@ def _run_child(plan: dict, run_dir: str) -> None:
 # Children fork from a server that has imported featmap (and torch) but run nothing: each starts in
 # milliseconds instead of paying the imports again, and no OpenMP thread pool exists at the fork.
 _FORKS = multiprocessing.get_context("forkserver")
-_FORKS.set_forkserver_preload(["featmap.pipeline", "featmap.learned"])
+_FORKS.set_forkserver_preload(["featmap.run.chapter", "featmap.maps.learned"])
 
 TIMING_METRICS = list(results.TIMING_METRICS)  # wall-clock rows: the only rows allowed to differ between runs
 
@@ -577,8 +579,8 @@ def test_a_chapter_runs_with_no_network_at_all(tmp_path, photo_dir):
             "    raise SystemExit('the network is reachable: this check proves nothing')\n"
             "except OSError:\n"
             "    pass\n"
-            "from featmap.config import RunConfig\n"
-            "from featmap.pipeline import run_chapter\n"
+            "from featmap.run.config import RunConfig\n"
+            "from featmap.run.chapter import run_chapter\n"
             f"t = run_chapter(RunConfig(chapter='geometric', manipulations=['mirror_h'], layers=['blocks.6'],"
             f" images={str(photo_dir)!r}, image_size=96, mappings=['identity', 'linear_sgd'], threads=1,"
             f" max_epochs=1, bootstrap=20, cache_dir={str(tmp_path / 'c')!r})).table\n"

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from featmap.config import RunConfig
-from featmap.editors import SplitEdit
-from featmap.pipeline import example_images, run_chapter
-from featmap.registry import UnknownNameError
+from featmap.core.registry import UnknownNameError
+from featmap.edits.editors import SplitEdit
+from featmap.run.chapter import example_images, run_chapter
+from featmap.run.config import RunConfig
 
 
 def semantic_config(**kw):

@@ -1,0 +1,40 @@
+"""A content-addressed, atomic, float16 feature cache: a rerun extracts nothing."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CACHE_ENV = "FEATMAP_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Returns $FEATMAP_CACHE if set, else ``.cache/featmap`` at the repository root."""
+    return Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache" / "featmap")
+
+
+def content_key(identity: dict) -> str:
+    """Returns the sha256 of ``identity`` serialised canonically (sorted keys, no whitespace)."""
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it onto ``path``.
+
+    A crash mid-write leaves only a ``.tmp`` file, which no reader looks at.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

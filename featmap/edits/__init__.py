@@ -1,0 +1,1 @@
+"""Original -> edited image: manipulations, object-level editors and their masks, generative editors, edit manifests."""

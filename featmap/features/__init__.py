@@ -1,0 +1,1 @@
+"""Images -> feature maps: the backbone (timm or offline weights), its classifier tail, the content-addressed feature store."""

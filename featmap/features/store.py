@@ -1,0 +1,122 @@
+"""Feature extraction through the cache: (view, manipulation, layer) -> float16 feature map."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from featmap.core.io import atomic_write, content_key, default_cache_dir
+from featmap.data.images import ImageSet, View
+from featmap.edits.manipulations import Manipulation
+from featmap.features.backbone import Backbone
+
+
+class FeatureCache:
+    """Float16 arrays on disk under their content key; unreadable or misshapen entries are misses."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root else default_cache_dir()
+        self.hits = self.misses = self.writes = self.rejected = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npy"
+
+    def get(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+        """Returns the stored float16 array, or None when absent, unreadable or not of ``shape``."""
+        path = self.path(key)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except (ValueError, OSError, EOFError):
+            arr = None
+        if arr is None or arr.dtype != np.float16 or (shape is not None and arr.shape != tuple(shape)):
+            self.rejected += 1
+            self.misses += 1
+            path.unlink(missing_ok=True)  # never trust it again; it is recomputed
+            return None
+        self.hits += 1
+        return arr
+
+    def contains(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        """Stores ``array`` as float16 under ``key``, atomically."""
+        array = np.asarray(array)
+        if not np.isfinite(array).all() or np.abs(array).max(initial=0) > np.finfo(np.float16).max:
+            raise ValueError(f"refusing to cache features under {key}: non-finite or beyond the float16 range")
+        arr = np.ascontiguousarray(array, dtype=np.float16)
+        atomic_write(self.path(key), lambda f: np.save(f, arr, allow_pickle=False))
+        self.writes += 1
+
+
+@dataclass
+class FeatureStore:
+    """Extracts feature maps of manipulated views once, and serves them from the cache after that."""
+
+    backbone: Backbone
+    cache: FeatureCache
+    seed: int = 0
+    batch_size: int = 32
+    crop_scale_min: float = 0.35
+    progress: bool = True
+
+    def key(self, view: View, manipulation: Manipulation | None, layer: str) -> str:
+        """Returns the content key of one feature map (backbone, weights, preprocessing, image, edit, layer)."""
+        pre = self.backbone.preprocessing
+        view_id = {"sha256": view.photo.sha256, "index": view.index, "size": pre.size,
+                   "interpolation": pre.interpolation, "crop_pct": pre.crop_pct}
+        if view.index:
+            view_id.update(seed=self.seed, crop_scale_min=self.crop_scale_min, photo=view.photo.id)
+        return content_key({**self.backbone.identity(), "layer": layer, "view": view_id,
+                            "manipulation": manipulation.cache_key(self.seed) if manipulation else None})
+
+    def image(self, view: View, manipulation: Manipulation | None) -> np.ndarray:
+        """Returns the (S, S, 3) uint8 image the backbone sees for ``view`` under ``manipulation``."""
+        pre = self.backbone.preprocessing
+        img = ImageSet.view(view, pre.size, pre.interpolation, pre.crop_pct, self.seed, self.crop_scale_min)
+        return manipulation(img, self.seed, view.key) if manipulation else img
+
+    def ensure(self, views: list[View], manipulations: list[Manipulation | None]) -> int:
+        """Extracts every missing (view, manipulation) for all layers; returns how many images went through."""
+        layers = self.backbone.layers
+        todo = [(v, m) for v in views for m in manipulations
+                if not all(self.cache.contains(self.key(v, m, layer)) for layer in layers)]
+        if not todo:
+            return 0
+        bar = tqdm(total=len(todo), desc=f"extracting {self.backbone.name}", unit="img", file=sys.stderr,
+                   disable=not self.progress, mininterval=10)
+        current_view, base = None, None
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start:start + self.batch_size]
+            images = []
+            for view, manip in batch:
+                if view is not current_view:  # todo is grouped by view: decode each photo once
+                    current_view, base = view, self.image(view, None)
+                images.append(manip(base, self.seed, view.key) if manip else base)
+            feats = self.backbone.features(np.stack(images))
+            for layer, maps in feats.items():
+                maps = maps.numpy()
+                for i, (view, manip) in enumerate(batch):
+                    self.cache.put(self.key(view, manip, layer), maps[i])
+            bar.update(len(batch))
+        bar.close()
+        return len(todo)
+
+    def load(self, views: list[View], manipulation: Manipulation | None, layer: str) -> torch.Tensor:
+        """Returns the (N, C, H, W) float32 maps of ``views``, extracting whatever is missing."""
+        shape = self.backbone.specs[layer].shape
+        out = []
+        for view in views:
+            arr = self.cache.get(self.key(view, manipulation, layer), shape)
+            if arr is None:
+                self.ensure([view], [manipulation])
+                arr = self.cache.get(self.key(view, manipulation, layer), shape)
+            out.append(arr)
+        return torch.from_numpy(np.stack(out).astype(np.float32))

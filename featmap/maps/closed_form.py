@@ -1,0 +1,115 @@
+"""Closed-form maps: identity (the floor), additive, shared linear (ridge toward I), local linear, Procrustes."""
+from __future__ import annotations
+
+import torch
+
+from featmap.maps.base import MAPPINGS, FitData, Mapping
+from featmap.maps.stats import LinearStats, PositionStats, fit_ridge, select_ridge
+
+
+class Identity(Mapping):
+    """y = x: the floor."""
+
+    name, linear = "identity", True
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _square_stats(data: FitData, name: str) -> LinearStats:
+    """Returns the statistics of all training photos (train + validation) for a map that needs C_in = C_out."""
+    stats = data.stats("train").merged(data.stats("val"))
+    if stats.c_in != stats.c_out:
+        raise ValueError(f"{name} needs equal input and output channels, got {stats.c_in} and {stats.c_out}")
+    return stats
+
+
+class Additive(Mapping):
+    """y = x + delta, delta per channel: the mean shift of the training pairs."""
+
+    name, linear = "additive", True
+
+    def fit(self, data: FitData) -> "Additive":
+        stats = _square_stats(data, self.name)
+        self.delta = ((stats.xty[-1] - stats.xtx[-1, :-1]) / stats.n).float()
+        return self
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.delta.view(1, -1, 1, 1).to(x)
+
+    def n_params(self) -> int:
+        return self.delta.numel()
+
+
+class Linear(Mapping):
+    """y = W x + b at every position (a 1x1 affine map shared over positions), fit in closed form.
+
+    ``ridge`` = "auto" picks the relative strength from ``RIDGE_GRID`` by validation error (validation
+    photos held out of the training photos), then refits on all training photos; a number fixes it.
+    The absolute strength is ``ridge * trace(X^T X) / C``.
+    """
+
+    name, linear = "linear", True
+
+    def _stats(self, data: FitData, part: str) -> LinearStats:
+        return data.stats(part)
+
+    def fit(self, data: FitData) -> "Linear":
+        train, val = self._stats(data, "train"), self._stats(data, "val")
+        self.alpha, self.val_errors = select_ridge(self.options.ridge, train, val)
+        stats = train.merged(val)
+        self.lam = self.alpha * stats.mean_eigenvalue
+        coef = fit_ridge(stats, self.lam)
+        self.weight = coef[..., :-1, :].transpose(-1, -2).float().contiguous()  # (C_out, C_in), per position
+        self.bias = coef[..., -1, :].float()
+        return self
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("oc,bchw->bohw", self.weight.to(x), x) + self.bias.view(1, -1, 1, 1).to(x)
+
+    def n_params(self) -> int:
+        return self.weight.numel() + self.bias.numel()
+
+    def extra_metrics(self) -> dict[str, float]:
+        return {"ridge_alpha": self.alpha, "ridge_lambda": self.lam}
+
+
+class LocalLinear(Linear):
+    """y_p = W_p x_p + b_p: a separate affine map at every position p (not shared), ridge toward W_p = I."""
+
+    name, linear = "local_linear", True
+
+    def _stats(self, data: FitData, part: str) -> PositionStats:
+        return data.position_stats(part)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if self.weight.shape[0] != h * w:
+            raise ValueError(f"local_linear was fit on {self.weight.shape[0]} positions, got a {h}x{w} grid")
+        out = torch.einsum("poc,bcp->bop", self.weight.to(x), x.flatten(2)) + self.bias.T.to(x)[None]
+        return out.reshape(b, -1, h, w)
+
+
+class Procrustes(Mapping):
+    """y = R (x - mean_x) + mean_y with R orthogonal: R = U V^T from the SVD of the centred cross-covariance."""
+
+    name, linear = "procrustes", True
+
+    def fit(self, data: FitData) -> "Procrustes":
+        s = _square_stats(data, self.name)
+        mx, my = s.xtx[-1, :-1] / s.n, s.xty[-1] / s.n
+        cross = s.xty[:-1] - s.n * torch.outer(mx, my)  # sum of (x - mx)(y - my)^T
+        u, _, vh = torch.linalg.svd(cross)
+        rotation = u @ vh  # y_row = (x_row - mx) @ rotation + my
+        self.weight = rotation.T.float().contiguous()
+        self.bias = (my - rotation.T @ mx).float()
+        return self
+
+    predict = Linear.predict
+
+    def n_params(self) -> int:
+        return self.weight.numel() + self.bias.numel()
+
+
+for _cls in (Identity, Additive, Linear, LocalLinear, Procrustes):
+    MAPPINGS.add(_cls.name, lambda cls=_cls: cls)

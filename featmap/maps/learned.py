@@ -1,0 +1,172 @@
+"""Maps trained by gradient descent (one loop, ``training.train_map``), cached by content like features.
+
+``linear_sgd`` (the shared 1x1 affine map, trained), ``mlp`` (per position, shared), ``cnn`` (two 3x3
+convolutions: a 5x5 neighbourhood), ``transformer`` (global, tokens = positions, no positional encoding, as
+the reference) and ``transformer_pe`` (the same with learned positional embeddings).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from featmap.core.device import resolve_device
+from featmap.core.io import atomic_write, content_key, default_cache_dir
+from featmap.core.seeding import derive_seed
+from featmap.maps.base import MAP_SIZES, MAPPINGS, FitData, Mapping
+from featmap.train.loop import train_map
+from featmap.train.normalizer import NormalizedMap, Normalizer
+
+if TYPE_CHECKING:
+    from featmap.core.distributed import Context
+
+
+class PerPosition(nn.Module):
+    """Applies a (.., C) -> (.., C') module to every position's channel vector of a (B, C, H, W) map."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class TokenTransformer(nn.Module):
+    """Positions as tokens: Linear(C -> d), a post-LN TransformerEncoder, Linear(d -> C); optional learned
+    positional embeddings (without them the map is permutation-equivariant over positions)."""
+
+    def __init__(self, channels: int, positions: int, hidden: int, layers: int, heads: int, ffn: int,
+                 dropout: float, positional: bool):
+        super().__init__()
+        self.inp, self.out = nn.Linear(channels, hidden), nn.Linear(hidden, channels)
+        layer = nn.TransformerEncoderLayer(hidden, heads, ffn, dropout, activation="relu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.pos = nn.Parameter(torch.randn(1, positions, hidden) * 0.02) if positional else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.inp(x.flatten(2).transpose(1, 2))  # (B, H*W, d)
+        if self.pos is not None:
+            if self.pos.shape[1] != h * w:
+                raise ValueError(f"transformer_pe was built for {self.pos.shape[1]} positions, got {h}x{w}")
+            tokens = tokens + self.pos
+        return self.out(self.encoder(tokens)).transpose(1, 2).reshape(b, c, h, w)
+
+
+class Residual(nn.Module):
+    """x + f(x), with f's last layer zeroed at initialisation: training starts at the identity map."""
+
+    def __init__(self, net: nn.Module, last: nn.Module):
+        super().__init__()
+        self.net = net
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+def build_net(name: str, channels: int, positions: int, size: dict, residual: bool = False) -> nn.Module:
+    """Returns the untrained network of a learned map (sizes from ``MAP_SIZES``).
+
+    ``residual`` wraps the non-linear maps as x + f(x) starting from the identity; without it they are the
+    reference's plain architectures. ``linear_sgd`` is always the plain 1x1 affine map.
+    """
+    h, p = size["hidden"], size["dropout"]
+    if name == "linear_sgd":
+        return nn.Conv2d(channels, channels, 1)
+    if name == "mlp":
+        net = PerPosition(nn.Sequential(nn.Linear(channels, h), nn.ReLU(), nn.Dropout(p), nn.Linear(h, channels)))
+        last = net.net[-1]
+    elif name == "cnn":
+        net = nn.Sequential(nn.Conv2d(channels, h, 3, padding=1), nn.BatchNorm2d(h), nn.ReLU(), nn.Dropout2d(p),
+                            nn.Conv2d(h, channels, 3, padding=1), nn.BatchNorm2d(channels))
+        last = net[-1]
+    elif name in ("transformer", "transformer_pe"):
+        net = TokenTransformer(channels, positions, h, size["layers"], size["heads"], size["ffn"], p,
+                               positional=name == "transformer_pe")
+        last = net.out
+    else:
+        raise ValueError(f"no network for {name!r}")
+    return Residual(net, last) if residual else net
+
+
+class LearnedMapping(Mapping):
+    """A network trained with the reference loss on normalised features; predictions are de-normalised."""
+
+    learned = True
+
+    def identity(self, data: FitData) -> str:
+        """Returns the content key of this map trained on ``data`` (architecture, size, training, pairs)."""
+        size = {} if self.name == "linear_sgd" else {**MAP_SIZES[self.options.size], "residual": self.options.residual}
+        return content_key({"map": self.name, "size": size, "train": asdict(self.options.train), "data": data.key})
+
+    def fit(self, data: FitData, context: Context | None = None) -> "LearnedMapping":
+        """Returns self, trained on ``data`` or loaded from the map cache.
+
+        ``context`` (``featmap.distributed``): train under DistributedDataParallel; rank 0 decides whether the
+        cached map is usable and writes the result, and every rank ends with rank 0's map.
+        """
+        ddp = context is not None and context.distributed
+        x_train, y_train = data.tensors("train")
+        x_val, y_val = data.tensors("val")
+        c, h, w = x_train.shape[1:]
+        key = self.identity(data)
+        root = Path(self.options.cache_dir) if self.options.cache_dir else default_cache_dir()
+        final, partial = root / "maps" / f"{key}.pt", root / "maps" / f"{key}.partial.pt"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.options.train.seed, "init", key))
+            net = build_net(self.name, c, h * w, MAP_SIZES[self.options.size], self.options.residual)
+        self.model = NormalizedMap(net, Normalizer(torch.zeros(c), torch.ones(c)))
+        saved = None
+        if final.is_file() and (not ddp or context.is_main):
+            try:
+                saved = torch.load(final, map_location="cpu", weights_only=True)
+                self.model.load_state_dict(saved["model"])
+            except Exception:  # unreadable or stale: never trusted, trained again
+                final.unlink(missing_ok=True)
+                saved = None
+        if ddp:
+            saved = context.broadcast(saved)
+        if saved is None:
+            model, history = train_map(net, (x_train, y_train), (x_val, y_val), self.options.train,
+                                       resolve_device(self.options.device), checkpoint=partial,
+                                       progress=self.options.progress, desc=f"{self.name}", context=context)
+            saved = {"model": model.state_dict(), "history": {k: v for k, v in history.items() if k != "config"}}
+            if ddp:  # rank 0's map for everyone (batch-norm buffers are rank 0's; parameters agree already)
+                saved = context.broadcast(saved)
+            if not ddp or context.is_main:
+                atomic_write(final, lambda f: torch.save(saved, f))
+                partial.unlink(missing_ok=True)
+        self.model.load_state_dict(saved["model"])
+        self.model.eval()
+        self.history = saved["history"]
+        return self
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.net.parameters())
+
+    def fit_seconds(self) -> float:
+        """Returns the training time recorded when the map was trained (also when loaded from the cache)."""
+        return float(self.history["seconds"])
+
+    def extra_metrics(self) -> dict[str, float]:
+        return {"epochs": self.history["epochs"], "best_val_loss": self.history["best_val_loss"]}
+
+
+def _learned(name: str, per_position: bool, linear: bool = False) -> type[LearnedMapping]:
+    return type(name, (LearnedMapping,), {"name": name, "per_position": per_position, "linear": linear,
+                                          "__doc__": f"Learned map {name!r} (see module docstring)."})
+
+
+for _cls in (_learned("linear_sgd", True, linear=True), _learned("mlp", True), _learned("cnn", False),
+             _learned("transformer", False), _learned("transformer_pe", False)):
+    MAPPINGS.add(_cls.name, lambda cls=_cls: cls)

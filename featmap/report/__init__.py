@@ -1,0 +1,1 @@
+"""Reading results tables: claims and verdicts, computed findings, trends and figures."""

@@ -1,0 +1,203 @@
+"""RunConfig: every parameter of a chapter run, validated once, printed at the top of the chapter."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from featmap.core.registry import UnknownNameError
+from featmap.edits.editors import EDITORS
+from featmap.edits.manipulations import FAMILIES, MANIPULATIONS
+from featmap.maps.base import MAP_SIZES, MAPPINGS
+
+SPATIAL_MODES = ("none", "applied", "learned")
+# The default inverter learns from training photos under no edit and these (one per kind of edit), the same for
+# every chapter, so one inverter per (backbone, layer) serves the whole book.
+INVERTER_MANIPULATIONS = ("rotation_90", "mirror_v", "noise_40", "hue_shift_60", "grayscale", "mask_big_square_center")
+ALL_MAPPINGS = ["identity", "additive", "linear", "procrustes", "local_linear", "linear_sgd", "mlp", "cnn",
+                "transformer", "transformer_pe"]
+
+
+def _check_list(name: str, value, example: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
+            or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a non-empty list of strings, e.g. -y '{name}: [{example}]'; got {value!r}")
+    return list(value)
+
+
+def _check_number(name: str, value, kind, low=None, high=None, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise TypeError(f"{name} must be {'a number' if kind is float else 'an integer'}"
+                        f"{' or None' if allow_none else ''}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return kind(value)
+
+
+@dataclass
+class RunConfig:
+    """One chapter run. Defaults are the embedded default (real photos, ImageNet EfficientNet-Lite0)."""
+
+    chapter: str                                    # results go to results/<chapter>.csv
+    manipulations: list[str]                        # manipulation or editor names, e.g. rotation_90, object_recolor
+    backbone: str = "tf_efficientnet_lite0"         # any timm model name
+    weights: str = "default"                        # default | hub | random | path to a checkpoint
+    layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4", "blocks.6"])
+    images: str = "default"                         # default | a folder (flat, or one subfolder per class)
+    skip_bad_images: bool = False                   # skip unreadable files in a user folder instead of failing
+    max_images: int | None = None                   # a seeded subset of the photos (None: all)
+    image_size: int | None = None                   # square side in pixels (None: the model's own)
+    mappings: list[str] = field(default_factory=lambda: list(ALL_MAPPINGS))
+    spatial: list[str] = field(default_factory=lambda: ["none", "applied"])  # geometric family only (+ learned)
+    ridge: float | str = "auto"                     # relative ridge strength toward W = I, or auto
+    learned_layers: str | list[str] = "last"        # layers for trained maps: last (of layers) | all | a list
+    semantic_layers: str | list[str] = "last"       # layers scored through the classifier tail: last | all | a list
+    map_size: str = "small"                         # trained maps: small (CPU budget) | reference (the study's)
+    max_epochs: int = 10                            # trained maps: epoch cap (the reference: 100, early stopping)
+    lr: float = 1e-3                                # trained maps: AdamW learning rate (the reference: 1e-4)
+    train_batch: int = 64                           # trained maps: pairs per step (the reference: 32 x 2 accumulated)
+    residual: bool = True                           # trained non-linear maps: x + f(x) from identity (False: reference)
+    test_fraction: float = 0.2                      # share of photos held out for testing
+    val_fraction: float = 0.2                       # share of training photos held out for choosing ridge
+    train_views: int = 2                            # views per training photo (1 centre + random crops/flips)
+    seed: int = 0                                   # every random draw derives from it
+    batch_size: int = 32                            # images per forward pass
+    device: str = "auto"                            # auto | cpu | cuda | cuda:N
+    threads: int | None = None                      # torch CPU threads (None: torch's default)
+    bootstrap: int = 1000                           # bootstrap resamples for the 95% intervals
+    cache_dir: str | None = None                    # None: $FEATMAP_CACHE or .cache/featmap
+    image_layers: str | list[str] = "last"          # layers scored in image space (inverter): last | all | none | a list
+    image_mappings: list[str] = field(default_factory=lambda: ["identity", "linear", "transformer", "transformer_pe"])  # maps reconstructed
+    image_photos: int | None = 16                   # test photos scored in image space (None: all); ST-LPIPS is slow on a CPU
+    inverter_size: int = 56                         # the default inverter's output side in pixels
+    inverter_epochs: int = 8                        # the default inverter's training epochs (fixed budget)
+    inverter_manipulations: list[str] = field(default_factory=lambda: list(INVERTER_MANIPULATIONS))  # its training edits
+    editor_params: dict = field(default_factory=dict)  # per editor: keyword arguments, e.g. {object_recolor: {colour: red}}
+    edit_manifest: str | None = None                # CSV of your own (original, edited, edit) pairs; replaces images
+
+    def __post_init__(self):
+        if not isinstance(self.chapter, str) or not self.chapter.isidentifier():
+            raise ValueError(f"chapter must be a plain name (letters, digits, _), got {self.chapter!r}")
+        self.manipulations = _check_list("manipulations", self.manipulations, "rotation_90, grayscale")
+        if self.edit_manifest is not None and (not isinstance(self.edit_manifest, str) or not self.edit_manifest):
+            raise TypeError(f"edit_manifest must be a path string or None, got {self.edit_manifest!r}")
+        manifest_names = self.manifest_edit_names()
+        for name in self.manipulations:
+            if name not in manifest_names and not self.is_editor(name):
+                try:
+                    MANIPULATIONS.get(name)
+                except UnknownNameError:
+                    extra = f"; edits in {self.edit_manifest}: {', '.join(manifest_names)}" if manifest_names else ""
+                    raise UnknownNameError(
+                        f"unknown manipulation or editor {name!r}; manipulations: {', '.join(MANIPULATIONS.names())}; "
+                        f"editors: {', '.join(EDITORS.names())}{extra}") from None
+        if not isinstance(self.editor_params, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in self.editor_params.items()):
+            raise TypeError("editor_params must map editor names to keyword dicts, e.g. "
+                            f"{{'object_recolor': {{'colour': 'red'}}}}; got {self.editor_params!r}")
+        unused = [k for k in self.editor_params if k not in self.manipulations or not self.is_editor(k)]
+        if unused:
+            raise ValueError(f"editor_params names {unused}, which are not editors in manipulations {self.manipulations}")
+        self.layers = _check_list("layers", self.layers, "blocks.4")
+        self.mappings = _check_list("mappings", self.mappings, "identity, linear")
+        for name in self.mappings:
+            MAPPINGS.get(name)
+        self.spatial = _check_list("spatial", self.spatial, "none, applied, learned")
+        for mode in self.spatial:
+            if mode not in SPATIAL_MODES:
+                raise ValueError(f"unknown spatial mode {mode!r}; known: {', '.join(SPATIAL_MODES)}")
+        for name in ("backbone", "weights", "images", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise TypeError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("skip_bad_images", "residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.image_layers == "none":
+            self.image_layers = []
+        self.inverter_manipulations = _check_list("inverter_manipulations", self.inverter_manipulations, "grayscale")
+        for name in self.inverter_manipulations:
+            MANIPULATIONS.get(name)
+        self.image_mappings = _check_list("image_mappings", self.image_mappings, "identity, linear")
+        for name in self.image_mappings:
+            MAPPINGS.get(name)
+        self.image_photos = _check_number("image_photos", self.image_photos, int, 1, allow_none=True)
+        self.inverter_size = _check_number("inverter_size", self.inverter_size, int, 16, 1024)
+        self.inverter_epochs = _check_number("inverter_epochs", self.inverter_epochs, int, 1, 10000)
+        for name in ("learned_layers", "semantic_layers", "image_layers"):
+            value = getattr(self, name)
+            if value == [] and name == "image_layers":
+                continue
+            if value not in ("last", "all"):
+                value = _check_list(name, value, "blocks.6")
+                extra = [layer for layer in value if layer not in self.layers]
+                if extra:
+                    raise ValueError(f"{name} {extra} are not in layers {self.layers}")
+                setattr(self, name, value)
+        if self.map_size not in MAP_SIZES:
+            raise ValueError(f"unknown map_size {self.map_size!r}; known: {', '.join(MAP_SIZES)}")
+        self.max_epochs = _check_number("max_epochs", self.max_epochs, int, 1, 100000)
+        self.lr = _check_number("lr", self.lr, float, 1e-8, 1.0)
+        self.train_batch = _check_number("train_batch", self.train_batch, int, 2, 65536)
+        if self.ridge != "auto":
+            self.ridge = _check_number("ridge", self.ridge, float, 0)
+        self.max_images = _check_number("max_images", self.max_images, int, 3, allow_none=True)
+        self.image_size = _check_number("image_size", self.image_size, int, 16, 4096, allow_none=True)
+        self.test_fraction = _check_number("test_fraction", self.test_fraction, float, 0.01, 0.9)
+        self.val_fraction = _check_number("val_fraction", self.val_fraction, float, 0.01, 0.9)
+        self.train_views = _check_number("train_views", self.train_views, int, 1, 64)
+        self.seed = _check_number("seed", self.seed, int, 0)
+        self.batch_size = _check_number("batch_size", self.batch_size, int, 1, 4096)
+        self.threads = _check_number("threads", self.threads, int, 1, 1024, allow_none=True)
+        self.bootstrap = _check_number("bootstrap", self.bootstrap, int, 0, 100000)
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise TypeError(f"cache_dir must be a path string or None, got {self.cache_dir!r}")
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "chapter"]
+
+    @classmethod
+    def from_namespace(cls, chapter: str, namespace: dict) -> "RunConfig":
+        """Returns the config of ``chapter`` from the parameters defined in ``namespace`` (a notebook's globals)."""
+        return cls(chapter=chapter, **{k: namespace[k] for k in cls.parameter_names() if k in namespace})
+
+    def _chosen(self, choice: str | list[str], layer: str) -> bool:
+        if choice == "last":
+            return layer == self.layers[-1]
+        return choice == "all" or layer in choice
+
+    def trains_on(self, layer: str) -> bool:
+        """Returns whether trained (gradient-descent) maps run at ``layer``."""
+        return self._chosen(self.learned_layers, layer)
+
+    def scores_semantics_on(self, layer: str) -> bool:
+        """Returns whether predictions at ``layer`` go through the classifier tail."""
+        return self._chosen(self.semantic_layers, layer)
+
+    @staticmethod
+    def is_editor(name: str) -> bool:
+        """Returns whether ``name`` is a registered semantic editor (not a manipulation)."""
+        return name in EDITORS.names()
+
+    def manifest_edit_names(self) -> list[str]:
+        """Returns the edit names of ``edit_manifest`` (empty without one); reading it checks every path."""
+        if self.edit_manifest is None:
+            return []
+        from featmap.edits.manifest import read_manifest
+
+        return sorted({p.edit for p in read_manifest(self.edit_manifest)})
+
+    def scores_images_on(self, layer: str) -> bool:
+        """Returns whether predictions at ``layer`` are reconstructed and scored in image space."""
+        return self._chosen(self.image_layers, layer)
+
+    def families(self) -> list[str]:
+        """Returns the families of the configured manipulations and edits, in FAMILIES order."""
+        manifest = self.manifest_edit_names()
+        present = {"semantic" if n in manifest or self.is_editor(n) else MANIPULATIONS.get(n).family
+                   for n in self.manipulations}
+        return [f for f in (*FAMILIES, "semantic") if f in present]
+
+    def __str__(self) -> str:
+        return "RunConfig " + json.dumps(asdict(self), indent=1)

@@ -1,0 +1,213 @@
+"""Image-space metrics: per-sample distances between uint8 (B, H, W, 3) image batches; each docstring is the
+definition."""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from featmap.data.images import to_uint8_images
+from featmap.score.metrics import METRICS, position_cosines
+
+# -- image space -------------------------------------------------------------------------------------
+# Every image metric takes two uint8 (B, H, W, 3) batches of equal shape (the layout photos arrive in) and
+# returns one float64 value per sample; float tensors are converted once, in ``to_uint8_images``.
+
+def _check_images(a: np.ndarray, b: np.ndarray) -> None:
+    for name, x in (("first", a), ("second", b)):
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"image metrics take uint8 (B, H, W, 3) arrays; the {name} is "
+                             f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)} "
+                             "(convert with to_uint8_images)")
+    if a.shape != b.shape:
+        raise ValueError(f"image metrics take two batches of equal shape, got {a.shape} and {b.shape}")
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per sample: SSIM of two uint8 RGB images, scikit-image ``structural_similarity`` with channel_axis=-1,
+    data_range=255 and its defaults (7x7 uniform window), as the reference. 1 for identical images."""
+    from skimage.metrics import structural_similarity
+
+    _check_images(a, b)
+    return np.array([structural_similarity(x, y, channel_axis=-1, data_range=255) for x, y in zip(a, b)],
+                    dtype=np.float64)
+
+
+def _to_signed(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Returns float (B, 3, H, W) in [-1, 1] from uint8 (B, H, W, 3): the range both LPIPS packages expect."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+
+
+def _perceptual(model: torch.nn.Module, a: np.ndarray, b: np.ndarray, batch_size: int) -> np.ndarray:
+    _check_images(a, b)
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(a), batch_size):
+            d = model(_to_signed(a[i:i + batch_size], device), _to_signed(b[i:i + batch_size], device))
+            out.append(d.flatten().double().cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def lpips_weights_path() -> Path:
+    """Returns where torchvision keeps the ImageNet AlexNet weights that ``lpips`` loads ($TORCH_HOME/hub)."""
+    from torchvision.models import AlexNet_Weights
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(AlexNet_Weights.IMAGENET1K_V1.url).name
+
+
+@functools.lru_cache(maxsize=2)
+def _lpips_model(weights: str) -> torch.nn.Module:
+    import lpips
+
+    if not Path(weights).is_file():  # lpips would download it: never reach for the network here
+        raise FileNotFoundError(weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's deprecation notice for ``pretrained=True``
+        return lpips.LPIPS(net="alex", version="0.1", verbose=False).eval()
+
+
+def lpips_available() -> tuple[bool, str]:
+    """Returns (whether ``lpips`` can run here, why or why not), without touching the network.
+
+    The ``lpips`` package ships only its linear heads; its AlexNet trunk is torchvision's ImageNet
+    checkpoint, which it downloads unless it is already in the torch hub cache.
+    """
+    try:
+        import lpips  # noqa: F401
+    except ImportError:
+        return False, "LPIPS needs the lpips package (pip install lpips==0.1.4), which is not installed"
+    path = lpips_weights_path()
+    if not path.is_file():
+        return False, (f"LPIPS (AlexNet, v0.1) needs torchvision's ImageNet AlexNet weights at {path}; they are "
+                       "not there and are not downloaded at run time (the book runs offline). Copy "
+                       f"{path.name} there, or point TORCH_HOME at a cache that holds it, to get the lpips rows")
+    try:
+        _lpips_model(str(path))
+    except Exception as e:  # a torn or foreign file: say so rather than fail later
+        return False, f"LPIPS AlexNet weights at {path} could not be loaded ({type(e).__name__}: {e})"
+    return True, f"LPIPS (AlexNet, v0.1) with ImageNet trunk weights from {path}"
+
+
+def lpips_distance(a: np.ndarray, b: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Per sample: LPIPS (AlexNet, v0.1) between two uint8 RGB images, scaled to [-1, 1]. 0 for identical images.
+
+    Raises RuntimeError with the reason where the AlexNet weights are not available (``lpips_available``).
+    """
+    ok, reason = lpips_available()
+    if not ok:
+        raise RuntimeError(reason)
+    return _perceptual(_lpips_model(str(lpips_weights_path())), a, b, batch_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _st_lpips_model() -> torch.nn.Module:
+    from stlpips_pytorch import stlpips
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return stlpips.LPIPS(net="alex", variant="shift_tolerant", verbose=False).eval()
+
+
+def st_lpips_distance(a: np.ndarray, b: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Per sample: Shift-Tolerant LPIPS (AlexNet, ``stlpips-pytorch``, weights in the wheel) between two uint8
+    RGB images, scaled to [-1, 1]. 0 for identical images; small for a shift of a few pixels."""
+    return _perceptual(_st_lpips_model(), a, b, batch_size)
+
+
+def reextract_cosines(backbone, layer: str, a: np.ndarray, b: np.ndarray,
+                      batch_size: int = 32) -> torch.Tensor:
+    """Returns (B, H*W): per-position cosines between ``layer`` features of the two uint8 image batches.
+
+    Both batches are resized to the backbone's input size first, as the reference resizes to its judge's.
+    """
+    _check_images(a, b)
+    if layer not in backbone.layers:
+        raise ValueError(f"layer {layer!r} is not hooked on backbone {backbone.name} (hooked: {backbone.layers}); "
+                         "build the Backbone with it")
+    size = backbone.preprocessing.size
+    a, b = to_uint8_images(a, size), to_uint8_images(b, size)
+    out = [position_cosines(backbone.features(a[i:i + batch_size])[layer],
+                            backbone.features(b[i:i + batch_size])[layer]) for i in range(0, len(a), batch_size)]
+    return torch.cat(out)
+
+
+def cos_reextract(backbone, layer: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: (mean, median) over positions of the cosine between the backbone's ``layer`` features of two
+    uint8 RGB images (the reference's headline metric re-extracts both images the same way). 1 for identical."""
+    cos = reextract_cosines(backbone, layer, a, b)
+    return cos.mean(1).numpy(), cos.quantile(0.5, dim=1).numpy()
+
+
+@dataclass(frozen=True)
+class ImageMetric:
+    """An image-space metric: per-sample values of two uint8 (B, H, W, 3) batches, given the judge backbone
+    and layer (used by the re-extraction metrics only), its direction, and whether it can run here."""
+
+    name: str
+    fn: Callable[[np.ndarray, np.ndarray, object, str], np.ndarray]
+    higher_is_better: bool
+    available: Callable[[], tuple[bool, str]] = lambda: (True, "")
+
+
+METRICS.add("ssim", lambda: ImageMetric("ssim", lambda a, b, bb, layer: ssim(a, b), True))
+METRICS.add("lpips", lambda: ImageMetric("lpips", lambda a, b, bb, layer: lpips_distance(a, b), False,
+                                         lpips_available))
+METRICS.add("st_lpips", lambda: ImageMetric("st_lpips", lambda a, b, bb, layer: st_lpips_distance(a, b), False))
+METRICS.add("cos_reextract_mean", lambda: ImageMetric(
+    "cos_reextract_mean", lambda a, b, bb, layer: cos_reextract(bb, layer, a, b)[0], True))
+METRICS.add("cos_reextract_median", lambda: ImageMetric(
+    "cos_reextract_median", lambda a, b, bb, layer: cos_reextract(bb, layer, a, b)[1], True))
+IMAGE_METRICS = ["ssim", "lpips", "st_lpips", "cos_reextract_mean", "cos_reextract_median"]
+# The row suffix for a reconstruction scored against the inverter's image of the true manipulated map.
+VS_INV_TARGET = "_vs_inv_target"
+
+
+def absent_image_metrics(metrics: list[str] | None = None) -> dict[str, str]:
+    """Returns {name: why it cannot run here} for the image metrics (default: all) that are not available."""
+    out = {}
+    for name in metrics or IMAGE_METRICS:
+        ok, reason = METRICS.get(name).available()
+        if not ok:
+            out[name] = reason
+    return out
+
+
+def score_images(recon: torch.Tensor, reference: np.ndarray | torch.Tensor, backbone, layer: str,
+                 metrics: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Returns {metric: per-sample values} of reconstructions against reference images, for every available
+    image metric in ``metrics`` (default ``IMAGE_METRICS``); an unavailable one (see ``absent_image_metrics``)
+    is left out, never filled in.
+
+    ``recon``: float (B, 3, s, s) in [0, 1] (an inverter's output); ``reference``: uint8 (B, S, S, 3) or float
+    (B, 3, S, S) in [0, 1]. The reconstructions are resized to the reference's size, as the reference protocol
+    resizes the mapped reconstruction to the manipulated image's. ``backbone`` and ``layer`` are the judge of
+    the re-extraction cosines.
+    """
+    names = list(metrics or IMAGE_METRICS)
+    for name in names:
+        if not isinstance(METRICS.get(name), ImageMetric):
+            raise ValueError(f"{name!r} is not an image metric; image metrics: {', '.join(IMAGE_METRICS)}")
+    ref = to_uint8_images(reference)
+    if ref.shape[1] != ref.shape[2]:
+        raise ValueError(f"reference images must be square, got {ref.shape[1]}x{ref.shape[2]}")
+    rec = to_uint8_images(recon, ref.shape[1])
+    if len(rec) != len(ref):
+        raise ValueError(f"{len(rec)} reconstructions against {len(ref)} reference images")
+    absent = absent_image_metrics(names)
+    out: dict[str, np.ndarray] = {}
+    if {"cos_reextract_mean", "cos_reextract_median"} & set(names):  # one re-extraction serves both
+        if backbone is None:
+            raise ValueError("cos_reextract needs the judge backbone (a featmap Backbone hooked at layer); "
+                             "pass it, or leave the cos_reextract metrics out of metrics")
+        mean, median = cos_reextract(backbone, layer, rec, ref)
+        out.update(cos_reextract_mean=mean, cos_reextract_median=median)
+    for name in names:
+        if name not in out and name not in absent:
+            out[name] = METRICS.get(name).fn(rec, ref, backbone, layer)
+    return {name: out[name] for name in names if name in out}

@@ -1,0 +1,368 @@
+"""Inverters: a backbone layer's feature map (B, C, H, W) -> RGB images (B, 3, S, S) in [0, 1].
+
+``Inverter`` is the interface every reconstruction goes through; ``DecoderInverter`` is the default (a small
+convolutional decoder trained per (backbone, layer) on training photos and their manipulated versions,
+cached by content like features); ``CallableInverter`` plugs in any other one (a FeatInv checkpoint, say).
+
+Plugging in a decoder you already have (its output in [-1, 1] at 288 px)::
+
+    net = MyDecoder(); net.load_state_dict(load_checkpoint("featinv_blocks6.pth")); net.eval()
+    inverter = CallableInverter(net, layer="blocks.6", image_size=288, value_range=(-1, 1), device="cuda")
+    images = inverter.invert(feats)          # (B, 3, 288, 288) float32 in [0, 1], on the CPU
+
+or subclass ``Inverter`` and implement ``reconstruct``.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from featmap.core.device import resolve_device
+from featmap.core.io import atomic_write, content_key, default_cache_dir
+from featmap.core.seeding import derive_seed
+from featmap.data.images import to_uint8_images
+from featmap.train.normalizer import Normalizer
+
+# Values this far outside [0, 1] mean the inverter speaks another range: an error, not something to clamp.
+_RANGE_SLACK = 0.02
+
+
+class Inverter(ABC):
+    """Maps ``layer``'s feature maps to RGB images of side ``image_size``.
+
+    ``invert`` takes float (B, C, H, W) maps (any device) and returns float32 (B, 3, image_size, image_size)
+    images in [0, 1], channels RGB, on the CPU, whatever device the inverter runs on inside. Subclasses set
+    ``layer``, ``image_size`` (and ``channels`` where known, to check inputs) and implement ``reconstruct``.
+    """
+
+    layer: str
+    image_size: int
+    channels: int | None = None
+
+    @abstractmethod
+    def reconstruct(self, feats: torch.Tensor) -> torch.Tensor:
+        """Returns (B, 3, image_size, image_size) images in [0, 1] (any device) for float32 (B, C, H, W) maps."""
+
+    def invert(self, feats: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Returns float32 (B, 3, image_size, image_size) images in [0, 1] on the CPU for (B, C, H, W) maps."""
+        if not isinstance(feats, torch.Tensor) or feats.ndim != 4 or not feats.is_floating_point():
+            raise ValueError(f"invert takes a float (B, C, H, W) tensor of {self.layer} features, got "
+                             f"{getattr(feats, 'dtype', type(feats).__name__)} of shape {tuple(getattr(feats, 'shape', ()))}")
+        if self.channels is not None and feats.shape[1] != self.channels:
+            raise ValueError(f"this inverter takes {self.channels}-channel maps of {self.layer}, got {feats.shape[1]} "
+                             "channels: a map of another layer or backbone?")
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(feats), batch_size):
+                out.append(self.reconstruct(feats[i:i + batch_size].float()).float().cpu())
+        images = torch.cat(out) if out else torch.zeros(0, 3, self.image_size, self.image_size)
+        want = (len(feats), 3, self.image_size, self.image_size)
+        if tuple(images.shape) != want:
+            raise ValueError(f"{type(self).__name__}.reconstruct returned shape {tuple(images.shape)}, expected {want}")
+        if len(images) and (images.min() < -_RANGE_SLACK or images.max() > 1 + _RANGE_SLACK):
+            raise ValueError(f"{type(self).__name__}.reconstruct returned values in [{images.min():.3g}, "
+                             f"{images.max():.3g}]; it must return [0, 1] (for a decoder with another output range, "
+                             "use CallableInverter(..., value_range=(low, high)))")
+        return images.clamp_(0, 1)
+
+
+class CallableInverter(Inverter):
+    """Any function or module from (B, C, H, W) maps to (B, 3, S, S) images, as an ``Inverter``.
+
+    ``value_range``: the range the function's output is in ((-1, 1) for a tanh decoder); mapped linearly onto
+    [0, 1]. ``device``: where the features are sent before the call.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], layer: str, image_size: int,
+                 channels: int | None = None, value_range: tuple[float, float] = (0.0, 1.0), device: str = "cpu"):
+        low, high = value_range
+        if not high > low:
+            raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+        if int(image_size) <= 0:
+            raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+        self.fn, self.layer, self.image_size, self.channels = fn, layer, int(image_size), channels
+        self.value_range, self.device = (float(low), float(high)), resolve_device(device)
+
+    def reconstruct(self, feats: torch.Tensor) -> torch.Tensor:
+        low, high = self.value_range
+        return (self.fn(feats.to(self.device)) - low) / (high - low)
+
+
+@dataclass(frozen=True)
+class InverterConfig:
+    """The default decoder and its training; every field is part of the cache key except ``device``."""
+
+    # Output side in pixels; the decoder doubles the map's side up to it. Measured on the default photos at
+    # lite0 blocks.6 (7x7): 56 px scored the same validation SSIM as 112 px (0.32, compared at 112) for a
+    # fifth of the training time, and width 256 no better than 128: a 7x7 map holds the layout, not detail.
+    image_size: int = 56
+    width: int = 128             # channels after the 1x1 projection; halved by each upsampling block
+    min_width: int = 16          # ... but never below this
+    epochs: int = 8              # a fixed budget: no early stopping, so a resumed run is the same run
+    batch_size: int = 32
+    lr: float = 3e-3             # AdamW, cosine-annealed to zero over the epochs
+    weight_decay: float = 1e-4
+    ssim_weight: float = 1.0     # loss = L1 + ssim_weight * (1 - SSIM), both on [0, 1] pixels
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        for name in ("image_size", "width", "min_width", "epochs", "batch_size", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"InverterConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.ssim_weight < 0:
+            raise ValueError(f"InverterConfig.ssim_weight must be >= 0, got {self.ssim_weight}")
+
+    def identity(self) -> dict:
+        """Returns the fields that determine the trained weights (all but ``device``)."""
+        return {k: v for k, v in asdict(self).items() if k != "device"}
+
+
+class DecoderNet(nn.Module):
+    """Per-channel standardisation, a 1x1 projection, then (upsample x2, 3x3 conv, GroupNorm, ReLU) blocks
+    while the side can double without passing ``image_size``; a 3x3 conv to RGB, a bilinear resize to exactly
+    ``image_size`` where the doublings fall short, and a sigmoid."""
+
+    def __init__(self, channels: int, side: int, image_size: int, width: int = 128, min_width: int = 16):
+        super().__init__()
+        self.channels, self.image_size = channels, image_size
+        self.normalizer = Normalizer(torch.zeros(channels), torch.ones(channels))
+        self.proj = nn.Sequential(nn.Conv2d(channels, width, 1), nn.GroupNorm(8, width), nn.ReLU())
+        blocks, w = [], width
+        while side * 2 <= image_size:
+            w_out = max(min_width, w // 2)
+            blocks += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w_out, 3, padding=1),
+                       nn.GroupNorm(8, w_out), nn.ReLU()]
+            side, w = side * 2, w_out
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Conv2d(w, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.blocks(self.proj(self.normalizer(x))))  # (B, 3, side * 2^k, ...)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return torch.sigmoid(x)
+
+
+class DecoderInverter(Inverter):
+    """The default inverter: a trained ``DecoderNet`` (see ``train_inverter``)."""
+
+    def __init__(self, net: DecoderNet, layer: str, device: str = "cpu", key: str = "", history: dict | None = None):
+        self.net, self.layer, self.key = net.eval(), layer, key
+        self.image_size, self.channels = net.image_size, net.channels
+        self.device = resolve_device(device)
+        self.net.to(self.device)
+        self.history = history or {}
+        self.epochs_run = 0  # epochs trained by the call that returned this inverter (0: loaded from the cache)
+
+    def reconstruct(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.net(feats.to(self.device))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "DecoderInverter":
+        """Returns the inverter saved at ``path`` by ``train_inverter`` (loaded with weights_only)."""
+        saved = torch.load(Path(path), map_location="cpu", weights_only=True)
+        meta = saved["meta"]
+        net = DecoderNet(meta["channels"], meta["side"], meta["config"]["image_size"], meta["config"]["width"],
+                         meta["config"]["min_width"])
+        net.load_state_dict(saved["net"])
+        return cls(net, meta["layer"], device, meta["key"], saved["history"])
+
+
+class InverterData:
+    """(feature map, image) training pairs of one layer, loaded on demand; ``key`` identifies their content.
+
+    ``tensors()`` returns float32 (N, C, H, W) maps and uint8 (N, 3, S, S) images.
+    """
+
+    def __init__(self, key: str, load: Callable[[], tuple[torch.Tensor, torch.Tensor]], description: str = ""):
+        self.key, self._load, self.description = key, load, description
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tensors is None:
+            feats, images = self._load()
+            if feats.ndim != 4 or images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8 \
+                    or len(feats) != len(images) or len(feats) == 0:
+                raise ValueError(f"inverter data must be N float (N, C, H, W) maps and N uint8 (N, 3, S, S) images, "
+                                 f"N > 0; got {tuple(feats.shape)} and {images.dtype} {tuple(images.shape)}")
+            self._tensors = feats.float(), images
+        return self._tensors
+
+    @classmethod
+    def from_tensors(cls, feats: torch.Tensor, images: np.ndarray | torch.Tensor) -> "InverterData":
+        """Returns data from maps and images (uint8 (N, S, S, 3) or float (N, 3, S, S) in [0, 1]), keyed by content."""
+        imgs = torch.from_numpy(to_uint8_images(images)).permute(0, 3, 1, 2).contiguous()
+        feats = feats.detach().float().cpu().contiguous()
+        h = hashlib.sha256()
+        for t in (feats, imgs):
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.numpy().tobytes())
+        return cls(h.hexdigest(), lambda: (feats, imgs), f"{len(feats)} given pairs")
+
+    @classmethod
+    def from_store(cls, store, views: list, manipulations: list, layer: str, image_size: int) -> "InverterData":
+        """Returns the pairs (map of view v under m, image of v under m) for every view and for m in
+        [original] + ``manipulations``, images resized to ``image_size``; keyed by the store's feature keys."""
+        if not views:
+            raise ValueError("inverter training needs at least one view; pass the training split's views")
+        edits = [None] + [m for m in manipulations if m is not None]
+        key = content_key({"maps": [store.key(v, m, layer) for m in edits for v in views], "image_size": image_size})
+
+        def load():
+            store.ensure(views, edits)
+            feats = torch.cat([store.load(views, m, layer) for m in edits])
+            images = np.empty((len(edits), len(views), image_size, image_size, 3), np.uint8)
+            for j, v in enumerate(views):
+                base = store.image(v, None)  # decode and crop each photo once; edits apply as the store applies them
+                edited = [base] + [m(base, store.seed, v.key) for m in edits[1:]]
+                images[:, j] = to_uint8_images(np.stack(edited), image_size)
+            return feats, torch.from_numpy(images.reshape(-1, image_size, image_size, 3)).permute(0, 3, 1, 2).contiguous()
+
+        return cls(key, load, f"{len(views)} views x {len(edits)} edits")
+
+
+def ssim_torch(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """Returns per-sample SSIM of (B, 3, H, W) images in [0, 1] (uniform ``window`` x ``window`` window, no
+    padding: the window scikit-image uses by default), differentiable: the training loss's structural term.
+    Reported numbers use ``metrics.ssim`` (scikit-image)."""
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+
+    def local_mean(t):
+        return F.avg_pool2d(t, window, stride=1)
+
+    mx, my = local_mean(x), local_mean(y)
+    vx, vy, cxy = local_mean(x * x) - mx ** 2, local_mean(y * y) - my ** 2, local_mean(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+def inversion_loss(pred: torch.Tensor, target: torch.Tensor, ssim_weight: float) -> torch.Tensor:
+    """Returns mean L1 + ssim_weight * (1 - mean SSIM) between (B, 3, H, W) images in [0, 1]."""
+    return F.l1_loss(pred, target) + ssim_weight * (1 - ssim_torch(pred, target).mean())
+
+
+def _evaluate(net: nn.Module, data: InverterData, cfg: InverterConfig, device: torch.device) -> dict:
+    feats, images = data.tensors()
+    net.eval()
+    loss = ssim = 0.0
+    with torch.no_grad():
+        for i in range(0, len(feats), cfg.batch_size):
+            out = net(feats[i:i + cfg.batch_size].to(device))
+            target = images[i:i + cfg.batch_size].to(device).float().div(255)
+            loss += inversion_loss(out, target, cfg.ssim_weight).item() * len(out)
+            ssim += ssim_torch(out, target).sum().item()
+    return {"loss": loss / len(feats), "ssim_torch": ssim / len(feats)}
+
+
+def inverter_path(key: str, cache_dir: str | Path | None = None) -> Path:
+    """Returns where the inverter with content key ``key`` is stored: <cache>/inverters/<key>.pt."""
+    return Path(cache_dir or default_cache_dir()) / "inverters" / f"{key}.pt"
+
+
+def fit_decoder(data: InverterData, layer: str, config: InverterConfig = InverterConfig(),
+                cache_dir: str | Path | None = None, progress: bool = True,
+                val: InverterData | None = None) -> DecoderInverter:
+    """Returns the decoder inverter trained on ``data`` (loaded from the cache when trained before).
+
+    Content-addressed by (layer, data key, validation data key, config): <cache>/inverters/<key>.pt. An
+    interrupted run resumes from <key>.partial.pt, written atomically after every epoch; a file that does not
+    load is discarded and its work redone. Seeded: the same inputs give the same weights.
+    """
+    key = content_key({"inverter": "decoder", "layer": layer, "data": data.key,
+                       "val": val.key if val is not None else None, "config": config.identity()})
+    final = inverter_path(key, cache_dir)
+    partial = final.with_name(f"{key}.partial.pt")
+    if final.is_file():
+        try:
+            return DecoderInverter.load(final, config.device)
+        except Exception:  # torn or stale: never trusted, trained again
+            final.unlink(missing_ok=True)
+    feats, images = data.tensors()
+    if images.shape[-1] != config.image_size:
+        raise ValueError(f"training images are {images.shape[-1]} px but config.image_size is {config.image_size}")
+    device = resolve_device(config.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed, "inverter-init", key))
+        net = DecoderNet(feats.shape[1], feats.shape[2], config.image_size, config.width, config.min_width)
+    fitted = Normalizer.fit(feats)
+    net.normalizer.mean.copy_(fitted.mean)
+    net.normalizer.std.copy_(fitted.std)
+    net.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
+    state = {"epoch": 0, "seconds": 0.0, "history": []}
+    if partial.is_file():
+        try:
+            saved = torch.load(partial, map_location="cpu", weights_only=True)
+            net.load_state_dict(saved["net"])
+            opt.load_state_dict(saved["opt"])
+            sched.load_state_dict(saved["sched"])
+            state = saved["state"]
+        except Exception:  # a torn checkpoint: start over rather than resume from garbage
+            partial.unlink(missing_ok=True)
+    resumed_from = state["epoch"]
+    bar = tqdm(total=config.epochs, initial=state["epoch"], desc=f"inverter {layer}", unit="epoch",
+               file=sys.stderr, disable=not progress, leave=False)
+    while state["epoch"] < config.epochs:
+        start = time.perf_counter()
+        net.train()
+        order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(
+            derive_seed(config.seed, "inverter-shuffle", state["epoch"])))
+        total = 0.0
+        for i in range(0, len(order), config.batch_size):
+            idx = order[i:i + config.batch_size]
+            out = net(feats[idx].to(device))  # (b, 3, S, S)
+            loss = inversion_loss(out, images[idx].to(device).float().div(255), config.ssim_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        record = {"train_loss": total / len(feats)}
+        if val is not None:
+            record.update({f"val_{k}": v for k, v in _evaluate(net, val, config, device).items()})
+        state["history"].append(record)
+        state["epoch"] += 1
+        state["seconds"] += time.perf_counter() - start
+        blob = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state}
+        atomic_write(partial, lambda f: torch.save(blob, f))
+        bar.set_postfix(loss=f"{record['train_loss']:.4f}")
+        bar.update(1)
+    bar.close()
+    history = {"epochs": state["epoch"], "seconds": state["seconds"], "per_epoch": state["history"],
+               "n_pairs": len(feats), "data": data.description}
+    meta = {"layer": layer, "key": key, "channels": feats.shape[1], "side": feats.shape[2],
+            "config": config.identity()}
+    saved = {"net": {k: v.cpu() for k, v in net.state_dict().items()}, "history": history, "meta": meta}
+    atomic_write(final, lambda f: torch.save(saved, f))
+    partial.unlink(missing_ok=True)
+    inverter = DecoderInverter(net.cpu(), layer, config.device, key, history)
+    inverter.epochs_run = state["epoch"] - resumed_from
+    return inverter
+
+
+def train_inverter(store, views: list, manipulations: list, layer: str, config: InverterConfig = InverterConfig(),
+                   cache_dir: str | Path | None = None, progress: bool = True,
+                   val_views: list | None = None) -> DecoderInverter:
+    """Returns the default inverter of ``layer`` for the store's backbone, trained (or loaded from the cache) on
+    ``views`` (training photos only) under no edit and each of ``manipulations``.
+
+    ``val_views``: held-out views whose loss and SSIM are recorded per epoch (they do not steer training).
+    ``cache_dir``: None is the store's cache root. Nothing is loaded or extracted when the inverter is cached.
+    """
+    root = cache_dir or store.cache.root
+    data = InverterData.from_store(store, views, manipulations, layer, config.image_size)
+    val = InverterData.from_store(store, val_views, manipulations, layer, config.image_size) if val_views else None
+    return fit_decoder(data, layer, config, root, progress, val)

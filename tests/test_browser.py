@@ -71,9 +71,10 @@ def toc_files(toc: dict) -> list[str]:
 
 
 def _parameter_names(notebook: Path) -> set[str]:
-    cells = json.loads(notebook.read_text())["cells"]
-    source = "".join(next((c["source"] for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])), []))
-    return {line.split("=")[0].strip() for line in source.splitlines() if "=" in line and not line.startswith("#")}
+    """Returns the parameters the chapter takes (its one definition in the package), empty for pages without."""
+    from featmap.run.presets import PRESETS, defaults
+
+    return set(defaults(notebook.stem)) if notebook.stem in PRESETS else set()
 
 
 class CDP:

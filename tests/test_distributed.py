@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 
 import featmap.maps.learned as learned
 from featmap import distributed
-from featmap.__main__ import build_config, chapter_defaults
+from featmap.__main__ import build_config
+from featmap.run.presets import defaults as chapter_defaults
 from featmap.core.distributed import Context
 from featmap.maps.base import MapOptions, get_mapping
 from featmap.maps.data import PairData, ShardedPairData
@@ -275,7 +276,7 @@ def test_single_process_sharded_data_is_pair_data(prepared):
 
 
 def test_the_command_line_builds_the_chapters_config(photo_dir, tmp_path):
-    defaults = chapter_defaults("masking")
+    defaults = chapter_defaults("masking")  # the one definition the notebook's cell is generated from
     assert defaults["manipulations"] and "layers" in defaults
     config = build_config("masking", [], ["layers: [blocks.6]"], [["max_images", "5"]])
     assert config.layers == ["blocks.6"] and config.max_images == 5
@@ -283,7 +284,9 @@ def test_the_command_line_builds_the_chapters_config(photo_dir, tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text("seed: 3\nmax_images: 4\n")
     assert build_config("masking", [str(params)], [], [["max_images", "6"]]).max_images == 6  # -p wins
-    with pytest.raises(ValueError, match="unknown parameters \\['colour'\\]"):
+    with pytest.raises(ValueError, match="unknown parameter 'colour'"):
         build_config("masking", [], [], [["colour", "red"]])
+    with pytest.raises(ValueError, match="unknown parameter 'layerz'.*did you mean 'layers'"):
+        build_config("masking", [], [], [["layerz", "[blocks.4]"]])
     with pytest.raises(ValueError, match="manipulations"):
         build_config("no_such_chapter", [], [], [])

@@ -38,3 +38,20 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def cached(path: Path, load, compute, save):
+    """Returns ``load(path)`` when ``path`` holds a readable entry, else ``compute()``, saved atomically with
+    ``save(file, value)`` before it is returned.
+
+    The one try-load / discard / recompute / atomic-write helper of every cache: an entry that does not load (torn,
+    stale, foreign) is deleted and never trusted again; a crash mid-save leaves only a ``.tmp`` file.
+    """
+    if path.is_file():
+        try:
+            return load(path)
+        except Exception:  # unreadable or stale: recomputed below
+            path.unlink(missing_ok=True)
+    value = compute()
+    atomic_write(path, lambda f: save(f, value))
+    return value

@@ -59,3 +59,15 @@ def read_results(chapter: str) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the {chapter} chapter first")
     return pd.read_csv(path)
+
+
+def comparable_spatial(geometric: bool) -> str:
+    """Returns the spatial mode in which every map sees the same input: ``applied`` for geometric edits (after the
+    grid rotation/flip), ``none`` for every other edit. The one statement of this rule; runs and reports use it."""
+    return "applied" if geometric else "none"
+
+
+def comparable_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Returns the rows of ``table`` in their family's comparable spatial mode (see ``comparable_spatial``)."""
+    geometric = table["family"] == "geometric"
+    return table[table["spatial"] == geometric.map(comparable_spatial)]

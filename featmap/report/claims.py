@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from featmap.core.table import comparable_rows
+
 from featmap.run.chapter import GLOBAL_MAPS
 
 VERDICTS = ("holds", "holds partly", "does not hold")
@@ -37,8 +39,7 @@ def verdict(share: float, partly_from: float = 0.5) -> str:
 def comparable(table: pd.DataFrame) -> pd.DataFrame:
     """Returns the rows where all maps see the same input: geometric edits after the exact grid permutation
     (spatial ``applied``), other edits as they are (``none``)."""
-    geometric = table["family"] == "geometric"
-    return table[(geometric & (table["spatial"] == "applied")) | (~geometric & (table["spatial"] == "none"))]
+    return comparable_rows(table)
 
 
 def claim_learnable(table: pd.DataFrame, metric: str = "cos_mean", mapping: str = "linear") -> pd.DataFrame:

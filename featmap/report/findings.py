@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from featmap.core.table import comparable_rows
+
 from featmap.report.plots import map_label
 
 
@@ -43,7 +45,7 @@ def findings(table: pd.DataFrame, metric: str = "cos_mean") -> str:
             lines.append(f"- **{mapping}**{'' if spatial == 'none' else f' (spatial {spatial})'} beats {floor} "
                          f"(95% interval above identity's mean) in {above} of {total} (layer, manipulation) "
                          f"cases; mean {metric} gain {gain:+.3f}.")
-    comparable = data[(data["family"] != "geometric") | (data["spatial"] == "applied")]
+    comparable = comparable_rows(data)
     globals_ = comparable[comparable["mapping"].isin(["transformer", "transformer_pe"])]
     if not globals_.empty:
         best_global = globals_.groupby(["layer", "manipulation"])["value"].max()
@@ -116,8 +118,7 @@ def geometry_by_family(tables: list[pd.DataFrame], metrics: tuple[str, ...] = GE
     """Returns the shared linear maps' geometry per (layer, family): the mean over manipulations of each metric
     (geometric edits after the grid permutation), one column per metric, from any number of chapter tables."""
     data = pd.concat(tables, ignore_index=True)
-    data = data[(data["mapping"] == "linear") & data["metric"].isin(metrics)
-                & ((data["family"] != "geometric") | (data["spatial"] == "applied"))]
+    data = comparable_rows(data[(data["mapping"] == "linear") & data["metric"].isin(metrics)])
     if data.empty:
         raise ValueError(f"no linear-map geometry rows ({', '.join(metrics)}) in the tables")
     order = list(dict.fromkeys(data["layer"]))

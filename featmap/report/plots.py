@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from featmap.core.table import comparable_rows
+
 
 def map_label(table: pd.DataFrame) -> pd.Series:
     """Returns 'mapping' or 'mapping (spatial applied)' per row: one colour per fitted variant."""
@@ -74,7 +76,7 @@ def plot_cost(table: pd.DataFrame, metric: str = "cos_mean", layer: str | None =
     applied, other edits as they are) at ``layer`` (default: the deepest layer where every map ran); both
     read from the results table's ``n_params`` and ``fit_seconds`` rows.
     """
-    data = table[(table["family"] != "geometric") | (table["spatial"] == "applied")].copy()
+    data = comparable_rows(table).copy()
     data["map"] = data["mapping"]
     if layer is None:
         counts = data[data["metric"] == metric].groupby("layer")["mapping"].nunique()

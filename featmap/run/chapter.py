@@ -17,10 +17,12 @@ from featmap.edits.manipulations import Manipulation, get_manipulation
 from featmap.edits.semantic import SemanticEdit
 from featmap.features.backbone import Backbone, classifier_tail
 from featmap.features.store import FeatureCache, FeatureStore
-from featmap.maps.base import MAPPINGS, MapOptions, Mapping
+from featmap.maps.base import MapOptions, Mapping
 from featmap.maps.data import PairData
 from featmap.maps.stats import positions
 from featmap.run.config import RunConfig
+from featmap.run.plan import Cell, Plan
+from featmap.run.scores import ScoreCache
 from featmap.score.geometry import linear_geometry
 from featmap.score.imagespace import ImageScorer
 from featmap.score.inversion import Inverter, InverterConfig, train_inverter
@@ -52,35 +54,6 @@ def map_options(config: RunConfig, progress: bool = True) -> MapOptions:
                       cache_dir=config.cache_dir, progress=progress,
                       train=TrainConfig(lr=config.lr, batch_size=config.train_batch, max_epochs=config.max_epochs,
                                         seed=config.seed))
-
-
-def maps_to_fit(config: RunConfig, manipulation: Manipulation, layer: str, spatial: str) -> list[type[Mapping]]:
-    """Returns the mapping classes of ``config`` that run for (manipulation, layer, spatial mode)."""
-    classes = [MAPPINGS.get(name) for name in config.mappings]
-    return [cls for cls in classes if applies(cls, manipulation, spatial) and (not cls.learned or config.trains_on(layer))]
-
-
-def comparable_mode(manipulation: Manipulation, spatial: str) -> bool:
-    """Returns whether ``spatial`` is the mode where every map sees the same input: after the exact grid
-    permutation for geometric edits, as they are for the rest."""
-    return spatial == ("applied" if manipulation.grid_op is not None else "none")
-
-
-def spatial_modes(manipulation: Manipulation, config: RunConfig) -> list[str]:
-    """Returns the spatial modes to run: the configured ones for geometric edits, ``none`` otherwise."""
-    return config.spatial if manipulation.grid_op is not None else ["none"]
-
-
-def applies(mapping: type[Mapping], manipulation: Manipulation, spatial: str) -> bool:
-    """Returns whether ``mapping`` runs in this spatial mode.
-
-    Geometric edits: ``applied`` runs every map after the exact grid permutation; on the raw grid, maps
-    that act on each position alone run as ``none`` (they cannot move content, the floor for geometry) and
-    maps that mix positions run as ``learned`` (they may learn the permutation). Other edits: ``none``.
-    """
-    if manipulation.grid_op is None or spatial == "applied":
-        return True
-    return mapping.per_position == (spatial == "none")
 
 
 # The global maps the shared linear map is compared with, sample by sample (the study's second claim).
@@ -181,12 +154,130 @@ def inverters_for(config: RunConfig, store: FeatureStore, split: Split,
             for layer in layers}
 
 
+class CellScorer:
+    """What the cells of one (manipulation, layer) share, built on first need: the test features, the classifier
+    tail's scorer and the image-space scorer. A rerun whose scores are all cached builds none of them."""
+
+    def __init__(self, config: RunConfig, store: FeatureStore, manip, layer: str, test: list[View],
+                 inverter: Inverter | None, tails: dict):
+        self.config, self.store, self.manip, self.layer, self.test = config, store, manip, layer, test
+        self.inverter, self._tails = inverter, tails
+        self.image_views = test[:config.image_photos]
+        self._built: dict = {}
+
+    def identity(self) -> dict:
+        """Returns what every score of this group depends on besides the map: test features, judges, settings."""
+        store, layer = self.store, self.layer
+        return {"backbone": store.backbone.identity(), "layer": layer,
+                "test": [[store.key(v, None, layer), store.key(v, self.manip, layer)] for v in self.test],
+                "inverter": getattr(self.inverter, "key", None) if self.inverter else None,
+                "image_views": [store.key(v, self.manip, layer) for v in self.image_views] if self.inverter else [],
+                "bootstrap": self.config.bootstrap, "seed": self.config.seed, "batch": self.config.batch_size}
+
+    def cacheable(self) -> bool:
+        """Returns whether every input has a content identity (a user's own inverter may have none)."""
+        return self.inverter is None or bool(getattr(self.inverter, "key", ""))
+
+    def _get(self, name, make):
+        if name not in self._built:
+            self._built[name] = make()
+        return self._built[name]
+
+    @property
+    def x_test(self) -> torch.Tensor:
+        return self._get("x", lambda: self.store.load(self.test, None, self.layer))
+
+    @property
+    def y_test(self) -> torch.Tensor:
+        return self._get("y", lambda: self.store.load(self.test, self.manip, self.layer))
+
+    @property
+    def semantic(self) -> SemanticScorer:
+        def make():
+            tail = self._tails.setdefault(self.layer, classifier_tail(self.store.backbone, self.layer))
+            return SemanticScorer(tail, self.y_test, self.test, self.config.batch_size)
+        return self._get("semantic", make)
+
+    @property
+    def imager(self) -> ImageScorer:
+        return self._get("imager", lambda: ImageScorer(
+            self.inverter, self.store.backbone, self.layer,
+            np.stack([self.store.image(v, self.manip) for v in self.image_views]),
+            self.y_test[:len(self.image_views)], batch_size=self.config.batch_size))
+
+
+def _row_base(config: RunConfig, manip, layer: str, spatial: str, mapping: str) -> dict:
+    return {"family": manip.family, "manipulation": manip.name, "backbone": config.backbone, "layer": layer,
+            "spatial": spatial, "mapping": mapping}
+
+
+def _target_scores(config: RunConfig, group: CellScorer, semantics: bool, n_examples: int) -> dict:
+    """Returns the ``target`` rows of a group (the true manipulated map's accuracy and reconstruction quality)
+    and the images its figures show."""
+    base = _row_base(config, group.manip, group.layer, "none", "target")
+    rows, arrays = [], {}
+    if semantics:
+        rows += group.semantic.accuracy_rows(base, None, config.bootstrap, config.seed)
+    if group.inverter is not None:
+        imager = group.imager
+        rows += [sample_rows(base, metric, values, config.bootstrap, config.seed)
+                 for metric, values in imager.target_scores().items()]
+        arrays = {"image/original": to_uint8_images(
+            np.stack([group.store.image(v, None) for v in group.test[:n_examples]]), imager.size),
+            "image/manipulated": imager.reference[:n_examples], "image/target": imager.target[:n_examples]}
+    return {"rows": rows, "arrays": arrays}
+
+
+def _map_scores(config: RunConfig, group: CellScorer, cell: Cell, mapping: Mapping, data: PairData,
+                n_fit: int, n_examples: int, timings: dict) -> dict:
+    """Fits ``mapping`` on ``data`` and returns its rows, per-sample scores (``score/<metric>``) and, where the
+    cell scores it in image space, its reconstructions (``image``)."""
+    t0 = time.perf_counter()
+    mapping.fit(data)
+    timings["fit_seconds"] += time.perf_counter() - t0
+    fit_s = mapping.fit_seconds() or (time.perf_counter() - t0)
+    x_in = group.manip.grid_op(group.x_test) if cell.spatial == "applied" else group.x_test
+    bs = config.batch_size
+    pred = torch.cat([mapping.predict(x_in[i:i + bs]) for i in range(0, len(x_in), bs)])
+    b = _row_base(config, group.manip, cell.layer, cell.spatial, mapping.name)
+    y_test = group.y_test
+    scores = {metric: METRICS.get(metric).fn(pred, y_test).numpy() for metric in FEATURE_METRICS}
+    rows, arrays = [], {}
+    if cell.semantics:
+        scores.update(group.semantic.agreement(pred))
+        rows += group.semantic.accuracy_rows(b, pred, config.bootstrap, config.seed)
+    if mapping.name in cell.images:
+        t1 = time.perf_counter()
+        imager = group.imager
+        scores.update(imager.scores(pred[:len(imager.reference)]))
+        arrays["image"] = imager.reconstruct(pred[:n_examples])
+        timings["image_seconds"] += time.perf_counter() - t1
+    rows += [sample_rows(b, metric, values, config.bootstrap, config.seed) for metric, values in scores.items()]
+    rows.append(row(b, "n_train_positions", n_fit * y_test.shape[2] * y_test.shape[3], n_fit))
+    rows.append(row(b, "fit_seconds", fit_s, n_fit))
+    rows.append(row(b, "n_params", mapping.n_params(), n_fit))
+    rows += [row(b, metric, value, n_fit) for metric, value in mapping.extra_metrics().items()]
+    if mapping.name == "linear":
+        rows += [row(b, metric, value, len(group.test))
+                 for metric, value in linear_geometry(mapping.weight, mapping.bias, positions(x_in)).items()]
+    return {"rows": rows, "arrays": {**arrays, **{f"score/{k}": np.asarray(v) for k, v in scores.items()}}}
+
+
+def _map_identity(mapping: Mapping, data: PairData) -> dict:
+    """Returns what a map's fit depends on: its name and options, and the training pairs' content."""
+    if mapping.learned:
+        return {"map": mapping.identity(data)}
+    return {"map": mapping.name, "ridge": mapping.options.ridge, "data": data.key}
+
+
 def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inverter] | None = None,
                 n_examples: int = 2) -> RunResult:
-    """Runs every (manipulation, layer, spatial mode, mapping) of ``config``; writes results/<chapter>.csv.
+    """Runs every cell of ``config``'s plan (manipulation, layer, spatial mode, maps); writes
+    results/<chapter>.csv.
 
-    ``inverters``: {layer: Inverter} to use instead of the default decoder (see ``featmap.inversion``);
-    ``n_examples``: test photos whose reconstructions are kept for the chapter's figures.
+    ``inverters``: {layer: Inverter} to use instead of the default decoder (see ``featmap.score.inversion``);
+    ``n_examples``: test photos whose reconstructions are kept for the chapter's figures. Scores are cached by
+    content (``featmap.run.scores``): a rerun with the same inputs fits and scores nothing.
     """
     t0 = time.perf_counter()
     images, split, store, manipulations = prepare(config)
@@ -201,78 +292,41 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
     inverters = inverters_for(config, store, split, inverters)
     timings["inverter_seconds"] = time.perf_counter() - t0
     timings["image_seconds"] = 0.0
+    plan = Plan.build(config, manipulations, store.backbone.layers, set(inverters),
+                      semantics=getattr(store.backbone, "has_classifier", True))
+    cache = ScoreCache(config.cache_dir)
     rows, tails, reconstructions = [], {}, {}
-    for manip in manipulations:
+    for manip, layer, cells in plan.groups():
         views = views_of(manip, parts)
-        train, val, test = views["train"], views["val"], views["test"]
-        n_fit = len(train) + len(val)
-        for layer in store.backbone.layers:
-            x_test = store.load(test, None, layer)
-            y_test = store.load(test, manip, layer)
-            scorer = None
-            if config.scores_semantics_on(layer):
-                scorer = SemanticScorer(tails.setdefault(layer, classifier_tail(store.backbone, layer)), y_test,
-                                        test, config.batch_size)
-                target = {"family": manip.family, "manipulation": manip.name, "backbone": config.backbone,
-                          "layer": layer, "spatial": "none", "mapping": "target"}
-                rows += scorer.accuracy_rows(target, None, config.bootstrap, config.seed)
-            imager = None
-            if layer in inverters:
-                t1 = time.perf_counter()
-                scored = test[:config.image_photos]
-                imager = ImageScorer(inverters[layer], store.backbone, layer,
-                                     np.stack([store.image(v, manip) for v in scored]), y_test[:len(scored)],
-                                     batch_size=config.batch_size)
-                target = {"family": manip.family, "manipulation": manip.name, "backbone": config.backbone,
-                          "layer": layer, "spatial": "none", "mapping": "target"}
-                rows += [sample_rows(target, metric, values, config.bootstrap, config.seed)
-                         for metric, values in imager.target_scores().items()]
-                reconstructions[manip.name, layer] = {
-                    "original": to_uint8_images(np.stack([store.image(v, None) for v in test[:n_examples]]),
-                                                imager.size),
-                    "manipulated": imager.reference[:n_examples], "target": imager.target[:n_examples]}
-                timings["image_seconds"] += time.perf_counter() - t1
-            for spatial in spatial_modes(manip, config):
-                data = PairData(store, {"train": train, "val": val}, manip, layer, spatial, config.batch_size)
-                t1 = time.perf_counter()
-                data.stats("train"), data.stats("val")  # one streaming pass, shared by the closed-form maps
-                timings["stats_seconds"] += time.perf_counter() - t1
-                x_in = manip.grid_op(x_test) if spatial == "applied" else x_test
-                base = {"family": manip.family, "manipulation": manip.name, "backbone": config.backbone,
-                        "layer": layer, "spatial": spatial}
-                per_sample: dict[str, dict[str, np.ndarray]] = {}
-                for cls in maps_to_fit(config, manip, layer, spatial):
-                    name = cls.name
-                    mapping = cls(options)
-                    t2 = time.perf_counter()
-                    mapping.fit(data)
-                    fit_s = mapping.fit_seconds() or (time.perf_counter() - t2)
-                    timings["fit_seconds"] += time.perf_counter() - t2
-                    pred = torch.cat([mapping.predict(x_in[i:i + config.batch_size])
-                                      for i in range(0, len(x_in), config.batch_size)])
-                    b = {**base, "mapping": name}
-                    scores = {metric: METRICS.get(metric).fn(pred, y_test).numpy() for metric in FEATURE_METRICS}
-                    if scorer is not None:
-                        scores.update(scorer.agreement(pred))
-                        rows += scorer.accuracy_rows(b, pred, config.bootstrap, config.seed)
-                    if imager is not None and name in config.image_mappings and comparable_mode(manip, spatial):
-                        t1 = time.perf_counter()
-                        scores.update(imager.scores(pred[:len(imager.reference)]))
-                        label = name if spatial == "none" else f"{name} ({spatial})"
-                        reconstructions[manip.name, layer][label] = imager.reconstruct(pred[:n_examples])
-                        timings["image_seconds"] += time.perf_counter() - t1
-                    per_sample[name] = scores
-                    rows += [sample_rows(b, metric, values, config.bootstrap, config.seed)
-                             for metric, values in scores.items()]
-                    rows.append(row(b, "n_train_positions", n_fit * x_test.shape[2] * x_test.shape[3], n_fit))
-                    rows.append(row(b, "fit_seconds", fit_s, n_fit))
-                    rows.append(row(b, "n_params", mapping.n_params(), n_fit))
-                    for metric, value in mapping.extra_metrics().items():
-                        rows.append(row(b, metric, value, n_fit))
-                    if name == "linear":
-                        for metric, value in linear_geometry(mapping.weight, mapping.bias, positions(x_in)).items():
-                            rows.append(row(b, metric, value, len(test)))
-                rows += gap_rows(base, per_sample, config.bootstrap, config.seed)
+        n_fit = len(views["train"]) + len(views["val"])
+        group = CellScorer(config, store, manip, layer, views["test"], inverters.get(layer), tails)
+        ident = group.identity() if group.cacheable() else None
+        semantics = any(c.semantics for c in cells)
+        target = cache.get_or_compute(ident and {**ident, "target": semantics, "examples": n_examples},
+                                      lambda: _target_scores(config, group, semantics, n_examples))
+        rows += target["rows"]
+        if group.inverter is not None:
+            reconstructions[manip.name, layer] = {k.removeprefix("image/"): v for k, v in target["arrays"].items()}
+        for cell in cells:
+            data = PairData(store, {"train": views["train"], "val": views["val"]}, manip, layer, cell.spatial,
+                            config.batch_size)
+            base = _row_base(config, manip, layer, cell.spatial, "")
+            per_sample: dict[str, dict[str, np.ndarray]] = {}
+            for cls in cell.mappings:
+                mapping = cls(options)
+                key = ident and {**ident, **_map_identity(mapping, data), "spatial": cell.spatial,
+                                 "semantics": cell.semantics, "images": mapping.name in cell.images,
+                                 "examples": n_examples}
+                got = cache.get_or_compute(key, lambda: _map_scores(config, group, cell, mapping, data, n_fit,
+                                                                    n_examples, timings))
+                rows += got["rows"]
+                per_sample[mapping.name] = {k.removeprefix("score/"): v for k, v in got["arrays"].items()
+                                            if k.startswith("score/")}
+                if "image" in got["arrays"]:
+                    label = mapping.name if cell.spatial == "none" else f"{mapping.name} ({cell.spatial})"
+                    reconstructions[manip.name, layer][label] = got["arrays"]["image"]
+            rows += gap_rows(base, per_sample, config.bootstrap, config.seed)
+    timings["scores_cached"], timings["scores_computed"] = cache.hits, cache.computed
     table = pd.DataFrame(rows, columns=COLUMNS)
     if write:
         write_results(table, config.chapter)

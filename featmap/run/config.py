@@ -1,7 +1,10 @@
 """RunConfig: every parameter of a chapter run, validated once, printed at the top of the chapter."""
 from __future__ import annotations
 
+import difflib
+import functools
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from featmap.core.registry import UnknownNameError
@@ -22,6 +25,39 @@ def _check_list(name: str, value, example: str) -> list[str]:
             or not all(isinstance(v, str) for v in value):
         raise TypeError(f"{name} must be a non-empty list of strings, e.g. -y '{name}: [{example}]'; got {value!r}")
     return list(value)
+
+
+@functools.lru_cache(maxsize=8)
+def module_order(backbone: str) -> tuple[str, ...]:
+    """Returns the module names of ``backbone`` in the order the forward pass reaches them (built on the meta
+    device: no weights are loaded and no memory is allocated)."""
+    import timm
+    import torch
+
+    from featmap.features.backbone import ALIASES
+
+    name = ALIASES[backbone].architecture if backbone in ALIASES else backbone
+    if name not in timm.list_models():
+        raise ValueError(f"unknown backbone {backbone!r}: not a timm model name nor one of {', '.join(ALIASES)}")
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    return tuple(n for n, _ in model.named_modules() if n)
+
+
+def check_layer_order(backbone: str, layers: list[str]) -> None:
+    """Raises unless every layer is a module of ``backbone`` and ``layers`` run shallow to deep without repeats
+    (depth trends read layers in this order)."""
+    order = module_order(backbone)
+    index = {name: i for i, name in enumerate(order)}
+    for layer in layers:
+        if layer not in index:
+            near = difflib.get_close_matches(layer, order, n=5)
+            raise ValueError(f"layers: {layer!r} is not a module of {backbone}"
+                             + (f"; similar: {', '.join(near)}" if near else ""))
+    depth = [index[layer] for layer in layers]
+    if depth != sorted(set(depth)):
+        right = sorted(set(layers), key=index.get)
+        raise ValueError(f"layers must run shallow to deep without repeats, got {layers}; in depth order: {right}")
 
 
 def _check_number(name: str, value, kind, low=None, high=None, allow_none=False):
@@ -110,6 +146,7 @@ class RunConfig:
         for name in ("backbone", "weights", "images", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TypeError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        check_layer_order(self.backbone, self.layers)
         for name in ("skip_bad_images", "residual"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -141,6 +178,8 @@ class RunConfig:
         self.train_batch = _check_number("train_batch", self.train_batch, int, 2, 65536)
         if self.ridge != "auto":
             self.ridge = _check_number("ridge", self.ridge, float, 0)
+            if not math.isfinite(self.ridge):
+                raise ValueError(f"ridge must be 'auto' or a finite number >= 0, got {self.ridge}")
         self.max_images = _check_number("max_images", self.max_images, int, 3, allow_none=True)
         self.image_size = _check_number("image_size", self.image_size, int, 16, 4096, allow_none=True)
         self.test_fraction = _check_number("test_fraction", self.test_fraction, float, 0.01, 0.9)
@@ -156,11 +195,6 @@ class RunConfig:
     @classmethod
     def parameter_names(cls) -> list[str]:
         return [f.name for f in fields(cls) if f.name != "chapter"]
-
-    @classmethod
-    def from_namespace(cls, chapter: str, namespace: dict) -> "RunConfig":
-        """Returns the config of ``chapter`` from the parameters defined in ``namespace`` (a notebook's globals)."""
-        return cls(chapter=chapter, **{k: namespace[k] for k in cls.parameter_names() if k in namespace})
 
     def _chosen(self, choice: str | list[str], layer: str) -> bool:
         if choice == "last":

@@ -13,14 +13,9 @@ from dataclasses import replace
 from featmap.core.distributed import Context
 from featmap.edits.editors import SplitEdit
 from featmap.maps.data import ShardedPairData
-from featmap.run.chapter import (
-    map_options,
-    maps_to_fit,
-    prepare,
-    spatial_modes,
-    views_of,
-)
+from featmap.run.chapter import map_options, prepare, views_of
 from featmap.run.config import RunConfig
+from featmap.run.plan import Plan
 
 
 def prepare_chapter(config: RunConfig, context: Context) -> dict:
@@ -50,28 +45,27 @@ def prepare_chapter(config: RunConfig, context: Context) -> dict:
     extract_wall = time.perf_counter() - t0
     options = map_options(config, progress=context.is_main)
     fits, trained, times = {}, [], {"stats_seconds": 0.0, "closed_form_seconds": 0.0, "train_seconds": 0.0}
-    for manip in manipulations:
-        fit_views = {part: views_of(manip, parts)[part] for part in ("train", "val")}
-        for layer in store.backbone.layers:
-            for spatial in spatial_modes(manip, config):
-                data = ShardedPairData(context, store, fit_views, manip, layer, spatial, config.batch_size)
-                t1 = time.perf_counter()
-                data.stats("train"), data.stats("val")  # one sharded pass, shared by the closed-form maps
-                times["stats_seconds"] += time.perf_counter() - t1
-                for cls in maps_to_fit(config, manip, layer, spatial):
-                    name = cls.name
-                    mapping = cls(options)
-                    t2 = time.perf_counter()
-                    if cls.learned:
-                        mapping.fit(data, context=context)
-                        trained.append(mapping.identity(data))
-                        times["train_seconds"] += time.perf_counter() - t2
-                        continue
-                    mapping.fit(data)
-                    times["closed_form_seconds"] += time.perf_counter() - t2
-                    state = {k: getattr(mapping, k) for k in ("weight", "bias", "delta") if hasattr(mapping, k)}
-                    if state:
-                        fits[f"{manip.name}/{layer}/{spatial}/{name}"] = state | mapping.extra_metrics()
+    plan = Plan.build(config, manipulations, store.backbone.layers)
+    for cell in plan.cells:  # the chapter's own plan: the same cells, the same maps, the same cache keys
+        own = views_of(cell.manipulation, parts)
+        data = ShardedPairData(context, store, {"train": own["train"], "val": own["val"]}, cell.manipulation,
+                               cell.layer, cell.spatial, config.batch_size)
+        t1 = time.perf_counter()
+        data.stats("train"), data.stats("val")  # one sharded pass, shared by the closed-form maps
+        times["stats_seconds"] += time.perf_counter() - t1
+        for cls in cell.mappings:
+            mapping = cls(options)
+            t2 = time.perf_counter()
+            if cls.learned:
+                mapping.fit(data, context=context)
+                trained.append(mapping.identity(data))
+                times["train_seconds"] += time.perf_counter() - t2
+                continue
+            mapping.fit(data)
+            times["closed_form_seconds"] += time.perf_counter() - t2
+            state = {k: getattr(mapping, k) for k in ("weight", "bias", "delta") if hasattr(mapping, k)}
+            if state:
+                fits[f"{cell.name}/{cls.name}"] = state | mapping.extra_metrics()
     per_rank = context.gather({"rank": context.rank, "views": len(context.shard(views)), "images": extracted,
                                "cache_writes": store.cache.writes, "extract_seconds": extract_local})
     return {"chapter": config.chapter, "world_size": context.world_size, "backend": context.backend,

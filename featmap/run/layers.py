@@ -8,11 +8,13 @@ import torch
 
 from featmap.core.table import COLUMNS, row, sample_rows, write_results
 from featmap.features.backbone import create_model
-from featmap.maps.base import MapOptions, get_mapping
+from featmap.maps.base import MapOptions
 from featmap.maps.data import PairData
 from featmap.maps.stats import positions
 from featmap.run.chapter import extract, prepare, views_of
 from featmap.run.config import RunConfig
+from featmap.run.plan import Plan
+from featmap.run.scores import ScoreCache
 from featmap.score.geometry import linear_geometry, truncate
 from featmap.score.metrics import cos_mean
 
@@ -33,46 +35,66 @@ def backbone_label(config: RunConfig, weights: str) -> str:
     return config.backbone if weights == config.weights else f"{config.backbone}:{weights}"
 
 
+def _layer_rows(cfg: RunConfig, store, cell, views: dict, label: str, ranks) -> dict:
+    """Returns one cell's rows: test cosines of identity and the shared linear map, the linear map's fit facts
+    and geometry, and the test cosines of its rank-k truncations."""
+    manip, layer, spatial = cell.manipulation, cell.layer, cell.spatial
+    train, val, test = views["train"], views["val"], views["test"]
+    data = PairData(store, {"train": train, "val": val}, manip, layer, spatial, cfg.batch_size)
+    x_test, y_test = store.load(test, None, layer), store.load(test, manip, layer)
+    x_in = manip.grid_op(x_test) if spatial == "applied" else x_test
+    base = {"family": manip.family, "manipulation": manip.name, "backbone": label, "layer": layer, "spatial": spatial}
+    n_fit = len(train) + len(val)
+    rows = []
+    for cls in cell.mappings:
+        mapping = cls(MapOptions(ridge=cfg.ridge)).fit(data)
+        rows.append(sample_rows({**base, "mapping": cls.name}, "cos_mean",
+                                cos_mean(mapping.predict(x_in), y_test).numpy(), cfg.bootstrap, cfg.seed))
+    lin = {**base, "mapping": "linear"}
+    rows.append(row(lin, "n_train_positions", n_fit * x_test.shape[2] * x_test.shape[3], n_fit))
+    rows.append(row(lin, "ridge_alpha", mapping.alpha, n_fit))
+    for metric, value in linear_geometry(mapping.weight, mapping.bias, positions(x_in)).items():
+        rows.append(row(lin, metric, value, len(test)))
+    eye = torch.eye(len(mapping.weight))
+    for k in ranks:
+        if k >= len(mapping.weight):
+            break
+        w_k = truncate(mapping.weight, k, around=eye)
+        pred = torch.einsum("oc,bchw->bohw", w_k, x_in) + mapping.bias.view(1, -1, 1, 1)
+        rows.append(sample_rows({**base, "mapping": f"linear_rank{k}"}, "cos_mean",
+                                cos_mean(pred, y_test).numpy(), cfg.bootstrap, cfg.seed))
+    return {"rows": rows, "arrays": {}}
+
+
+def layers_config(config: RunConfig) -> RunConfig:
+    """Returns the configuration the layers run executes: identity and the shared linear map, every edit in its
+    comparable spatial mode (geometric edits after the grid rotation/flip)."""
+    return dataclasses.replace(config, mappings=["identity", "linear"], spatial=["applied"], image_layers=[])
+
+
 def run_layers(config: RunConfig, control: str | None = "random", ranks=DEFAULT_RANKS,
                write: bool = True) -> pd.DataFrame:
     """Fits identity and the shared linear map at every layer, for ``config.weights`` and the ``control``
     weights; returns (and writes to results/<chapter>.csv) test cosines, weight-vs-bias shares, spectra of W
-    and W - I, and test cosines of W truncated to its top-k directions of W - I."""
+    and W - I, and test cosines of W truncated to its top-k directions of W - I. Each cell's rows are cached by
+    content, so a rerun fits nothing."""
     rows = []
+    config = layers_config(config)
+    cache = ScoreCache(config.cache_dir)
     for weights in [config.weights] + ([control] if control else []):
         cfg = dataclasses.replace(config, weights=weights)
         _, split, store, manipulations = prepare(cfg)
         parts = {part: split.views(part, cfg.train_views) for part in ("train", "val", "test")}
         extract(store, parts, manipulations)
-        for manip in manipulations:
-            views = views_of(manip, parts)
-            train, val, test = views["train"], views["val"], views["test"]
-            spatial = "applied" if manip.grid_op is not None else "none"
-            for layer in store.backbone.layers:
-                data = PairData(store, {"train": train, "val": val}, manip, layer, spatial, cfg.batch_size)
-                x_test, y_test = store.load(test, None, layer), store.load(test, manip, layer)
-                x_in = manip.grid_op(x_test) if spatial == "applied" else x_test
-                base = {"family": manip.family, "manipulation": manip.name, "backbone": backbone_label(config, weights),
-                        "layer": layer, "spatial": spatial}
-                n_fit = len(train) + len(val)
-                for name in ("identity", "linear"):
-                    mapping = get_mapping(name, MapOptions(ridge=cfg.ridge)).fit(data)
-                    b = {**base, "mapping": name}
-                    rows.append(sample_rows(b, "cos_mean", cos_mean(mapping.predict(x_in), y_test).numpy(),
-                                            cfg.bootstrap, cfg.seed))
-                lin = {**base, "mapping": "linear"}
-                rows.append(row(lin, "n_train_positions", n_fit * x_test.shape[2] * x_test.shape[3], n_fit))
-                rows.append(row(lin, "ridge_alpha", mapping.alpha, n_fit))
-                for metric, value in linear_geometry(mapping.weight, mapping.bias, positions(x_in)).items():
-                    rows.append(row(lin, metric, value, len(test)))
-                eye = torch.eye(len(mapping.weight))
-                for k in ranks:
-                    if k >= len(mapping.weight):
-                        break
-                    w_k = truncate(mapping.weight, k, around=eye)
-                    pred = torch.einsum("oc,bchw->bohw", w_k, x_in) + mapping.bias.view(1, -1, 1, 1)
-                    rows.append(sample_rows({**base, "mapping": f"linear_rank{k}"}, "cos_mean",
-                                            cos_mean(pred, y_test).numpy(), cfg.bootstrap, cfg.seed))
+        label = backbone_label(config, weights)
+        for cell in Plan.build(cfg, manipulations, store.backbone.layers, semantics=False).cells:
+            views = views_of(cell.manipulation, parts)
+            keys = {part: [[store.key(v, None, cell.layer), store.key(v, cell.manipulation, cell.layer)]
+                           for v in vs] for part, vs in views.items()}
+            identity = {"layers": keys, "spatial": cell.spatial, "maps": [c.name for c in cell.mappings],
+                        "ridge": cfg.ridge, "label": label, "ranks": list(ranks), "bootstrap": cfg.bootstrap,
+                        "seed": cfg.seed}
+            rows += cache.get_or_compute(identity, lambda: _layer_rows(cfg, store, cell, views, label, ranks))["rows"]
     table = pd.DataFrame(rows, columns=COLUMNS)
     if write:
         write_results(table, config.chapter)

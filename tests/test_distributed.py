@@ -15,12 +15,12 @@ import torch.multiprocessing as mp
 import featmap.maps.learned as learned
 from featmap import distributed
 from featmap.__main__ import build_config
-from featmap.run.presets import defaults as chapter_defaults
 from featmap.core.distributed import Context
 from featmap.maps.base import MapOptions, get_mapping
 from featmap.maps.data import PairData, ShardedPairData
 from featmap.maps.stats import LinearStats
 from featmap.run.chapter import map_options, prepare, run_chapter
+from featmap.run.presets import defaults as chapter_defaults
 from featmap.train.loop import TrainConfig
 
 BIN = Path(sys.executable).parent

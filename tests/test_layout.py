@@ -34,8 +34,10 @@ def imports(path: Path) -> set[str]:
                 mod = node.module or ""
             if mod.startswith("featmap"):
                 out.add(mod)
-                out |= {f"{mod}.{a.name}" for a in node.names if (PACKAGE.parent / f"{mod}.{a.name}".replace(".", "/")).with_suffix(".py").exists()
-                        or (PACKAGE.parent / f"{mod}.{a.name}".replace(".", "/") / "__init__.py").exists()}
+                for a in node.names:  # ``from featmap.maps import learned`` imports a module too
+                    path = PACKAGE.parent / f"{mod}.{a.name}".replace(".", "/")
+                    if path.with_suffix(".py").exists() or (path / "__init__.py").exists():
+                        out.add(f"{mod}.{a.name}")
     return out
 
 

@@ -1,1 +1,1 @@
-"""Plumbing every stage shares: the name registry, seeding, content keys and atomic files, bootstrap, devices, the results-table contract, the data-parallel context."""
+"""Plumbing every stage shares: registry, seeding, content keys, atomic files, bootstrap, the results table."""

@@ -1,1 +1,1 @@
-"""Images -> feature maps: the backbone (timm or offline weights), its classifier tail, the content-addressed feature store."""
+"""Images -> feature maps: the backbone (timm or offline weights), its classifier tail, the feature store."""

@@ -331,7 +331,7 @@ class Backbone:
             return out.permute(0, 3, 1, 2) if getattr(self.model, "output_fmt", "NCHW") == "NHWC" else out
         if out.ndim == 3:  # tokens (B, N, C): drop class/register tokens, fold the rest row-major onto the grid
             prefix, h, w = self._token_layout(out.shape[1], layer)
-            return out[:, out.shape[1] - h * w - prefix:out.shape[1] - prefix].transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
+            return out[:, prefix:].transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
         raise ValueError(f"layer {layer} of {self.name} gives a {out.ndim}-D output, not a feature map")
 
     def _prefix(self, out: torch.Tensor, layer: str) -> torch.Tensor:

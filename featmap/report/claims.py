@@ -12,7 +12,6 @@ from __future__ import annotations
 import pandas as pd
 
 from featmap.core.table import comparable_rows
-
 from featmap.run.chapter import GLOBAL_MAPS
 
 VERDICTS = ("holds", "holds partly", "does not hold")

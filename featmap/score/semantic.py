@@ -21,7 +21,8 @@ class SemanticScorer:
         self.labels = torch.tensor([test[i].photo.imagenet_index for i in labelled], dtype=torch.long)
 
     def probabilities(self, maps: torch.Tensor) -> torch.Tensor:
-        return class_probabilities(torch.cat([self.tail(maps[i:i + self.batch]) for i in range(0, len(maps), self.batch)]))
+        batches = [self.tail(maps[i:i + self.batch]) for i in range(0, len(maps), self.batch)]
+        return class_probabilities(torch.cat(batches))
 
     def agreement(self, pred: torch.Tensor) -> dict[str, np.ndarray]:
         """Returns per-sample top1_agree and jsd of ``pred`` against the true manipulated map."""

@@ -33,7 +33,7 @@ MOVED = {
     "learned": ["maps.learned"],
     "inversion": ["score.inversion"],
     "imagespace": ["score.imagespace"],
-    "pipeline": ["run.chapter", "maps.data", "score.semantic"],
+    "pipeline": ["run.chapter", "run.plan", "maps.base", "maps.data", "score.semantic"],
     "distributed": ["run.distributed", "core.distributed", "maps.data"],
     "layerwise": ["run.layers", "report.trends"],
     "config": ["run.config"],

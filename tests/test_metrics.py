@@ -57,3 +57,39 @@ def test_bootstrap_interval_is_seeded_contains_the_mean_and_narrows():
     assert np.isnan(bootstrap_ci(np.array([0.3]))[0])
     with pytest.raises(ValueError, match="non-empty"):
         bootstrap_ci(np.array([]))
+
+
+def test_every_table_metric_has_its_direction_in_the_registry():
+    from featmap.score.metrics import higher_is_better
+
+    assert [higher_is_better(m) for m in ("cos_mean", "rel_err", "jsd", "top1_agree", "top5_acc", "ssim", "lpips",
+                                          "st_lpips", "cos_reextract_median")] == \
+        [True, False, False, True, True, True, False, False, True]
+    assert higher_is_better("st_lpips_vs_inv_target") is False and higher_is_better("jsd_gap_transformer") is False
+    assert higher_is_better("cos_mean_gap_transformer_pe") is True
+    with pytest.raises(KeyError, match="unknown metric 'cos_meen'"):
+        higher_is_better("cos_meen")
+
+
+def test_the_best_map_follows_the_metric_direction():
+    import pandas as pd
+
+    from featmap.report.findings import findings
+
+    rows = [{"family": "masking", "manipulation": "m", "backbone": "b", "layer": "l", "spatial": "none",
+             "mapping": name, "metric": "rel_err", "value": v, "n": 3, "ci_low": v - 0.01, "ci_high": v + 0.01}
+            for name, v in (("identity", 0.9), ("linear", 0.2), ("mlp", 0.5))]
+    assert "linear 1x" in findings(pd.DataFrame(rows), "rel_err")  # lower error is better: the linear map
+
+
+def test_the_old_flat_import_paths_keep_working():
+    import featmap.inversion as inversion
+    from featmap.analysis import weight_bias_shares
+    from featmap.metrics import bootstrap_ci, effective_rank
+    from featmap.pipeline import PairData, run_chapter
+    from featmap.score.geometry import effective_rank as new
+
+    assert effective_rank is new and callable(weight_bias_shares) and callable(bootstrap_ci)
+    assert inversion.CallableInverter.__module__ == "featmap.score.inversion" and PairData and run_chapter
+    with pytest.raises(ImportError, match="nothing"):
+        from featmap.metrics import nothing  # noqa: F401

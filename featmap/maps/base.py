@@ -90,6 +90,8 @@ class Mapping:
         return {}
 
 
+# The global maps the shared linear map is compared with, sample by sample (the study's second claim).
+GLOBAL_MAPS = ("transformer", "transformer_pe")
 MAPPINGS: Registry[type[Mapping]] = Registry("mapping")  # name -> class; filled by closed_form and learned
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pandas as pd
 
 from featmap.core.table import comparable_rows
-from featmap.run.chapter import GLOBAL_MAPS
+from featmap.maps.base import GLOBAL_MAPS
+from featmap.score.metrics import higher_is_better
 
 VERDICTS = ("holds", "holds partly", "does not hold")
 
@@ -53,7 +54,8 @@ def claim_learnable(table: pd.DataFrame, metric: str = "cos_mean", mapping: str 
     ident = data[data["mapping"] == "identity"].set_index(key)["value"].rename("identity")
     fitted = data[data["mapping"] == mapping].set_index(key)[["value", "ci_low", "ci_high"]]
     others = data[~data["mapping"].isin(["identity", "target"])]
-    best = others.loc[others.groupby(key)["value"].idxmax()].set_index(key)
+    pick = "idxmax" if higher_is_better(metric) else "idxmin"  # the direction from the metric registry
+    best = others.loc[getattr(others.groupby(key)["value"], pick)()].set_index(key)
     out = fitted.join(ident, how="inner")
     out["beats_identity"] = out["ci_low"] > out["identity"]
     out["best_map"] = best["mapping"].reindex(out.index)

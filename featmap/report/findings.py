@@ -5,6 +5,7 @@ import pandas as pd
 
 from featmap.core.table import comparable_rows
 from featmap.report.plots import map_label
+from featmap.score.metrics import higher_is_better
 
 
 def metric_table(table: pd.DataFrame, metric: str = "cos_mean") -> pd.DataFrame:
@@ -65,14 +66,15 @@ def findings(table: pd.DataFrame, metric: str = "cos_mean") -> str:
             lines.append(f"- Geometric edits on the raw grid (the map must learn the permutation): positional "
                          f"embeddings change the transformer's {metric} by {diff.mean():+.3f} on average over "
                          f"{len(diff)} cases.")
-    best = data.loc[data.groupby(["layer", "manipulation"])["value"].idxmax()]
+    pick = "idxmax" if higher_is_better(metric) else "idxmin"  # the direction from the metric registry
+    best = data.loc[getattr(data.groupby(["layer", "manipulation"])["value"], pick)()]
     counts = best["map"].value_counts()
     lines.append("- Best variant per (layer, manipulation): "
                  + ", ".join(f"{k} {v}x" for k, v in counts.items()) + ".")
     for layer, d in data.groupby("layer", sort=False):
         ident = d[d["map"] == "identity"]
         if not ident.empty:
-            hardest = ident.loc[ident["value"].idxmin()]
+            hardest = ident.loc[ident["value"].idxmin() if higher_is_better(metric) else ident["value"].idxmax()]
             lines.append(f"- At {layer}, the manipulation that moves features most (lowest identity {metric}) is "
                          f"{hardest['manipulation']} ({hardest['value']:.3f}).")
     geo = data[data["spatial"] != "none"]

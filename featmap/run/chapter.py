@@ -17,7 +17,7 @@ from featmap.edits.manipulations import Manipulation, get_manipulation
 from featmap.edits.semantic import SemanticEdit
 from featmap.features.backbone import Backbone, classifier_tail
 from featmap.features.store import FeatureCache, FeatureStore
-from featmap.maps.base import MapOptions, Mapping
+from featmap.maps.base import GLOBAL_MAPS, MapOptions, Mapping
 from featmap.maps.data import PairData
 from featmap.maps.stats import positions
 from featmap.run.config import RunConfig
@@ -56,8 +56,6 @@ def map_options(config: RunConfig, progress: bool = True) -> MapOptions:
                                         seed=config.seed))
 
 
-# The global maps the shared linear map is compared with, sample by sample (the study's second claim).
-GLOBAL_MAPS = ("transformer", "transformer_pe")
 # The metrics compared that way: feature space, the classifier's decision, and image space.
 GAP_METRICS = ("cos_mean", "top1_agree", "ssim", "st_lpips", "cos_reextract_median")
 

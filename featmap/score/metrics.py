@@ -56,6 +56,38 @@ METRICS.add("rel_err", lambda: Metric("rel_err", rel_err, False))
 FEATURE_METRICS = ["cos_mean", "cos_median", "rel_err"]
 
 
+@dataclass(frozen=True)
+class TableMetric:
+    """A metric computed elsewhere (the classifier tail's) registered for its direction and definition."""
+
+    name: str
+    higher_is_better: bool
+    definition: str
+
+
+for _name, _higher, _definition in (
+        ("top1_agree", True, "1 when the predicted map's top-1 class is the true manipulated map's (see top1_agree)"),
+        ("jsd", False, "Jensen-Shannon divergence in bits between the two class distributions (see jsd)"),
+        ("top1_acc", True, "1 when the ImageNet label is the top-1 class of the map (see topk_correct)"),
+        ("top5_acc", True, "1 when the ImageNet label is among the top-5 classes of the map (see topk_correct)")):
+    METRICS.add(_name, lambda n=_name, h=_higher, d=_definition: TableMetric(n, h, d))
+
+# Row-name suffixes that keep the direction of the metric they qualify.
+_SUFFIXES = ("_vs_inv_target",)
+
+
+def higher_is_better(metric: str) -> bool:
+    """Returns whether a larger value of the results-table metric ``metric`` is better, from the registry: a
+    registered metric, the same with ``_vs_inv_target``, or a paired gap ``<metric>_gap_<map>`` (a map minus
+    another on ``<metric>``: larger is better exactly when it is for ``<metric>``). Raises for other names."""
+    base = metric.split("_gap_")[0]
+    for suffix in _SUFFIXES:
+        base = base.removesuffix(suffix)
+    import featmap.score  # noqa: F401  (image metrics register on import)
+
+    return METRICS.get(base).higher_is_better
+
+
 def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Returns softmax probabilities (float64) of (B, classes) logits."""
     return torch.softmax(logits.double(), dim=1)

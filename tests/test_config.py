@@ -98,3 +98,22 @@ def test_every_run_config_parameter_has_a_comment():
 
     missing = [f.name for f in fields(RunConfig) if f.name != "chapter" and f.name not in DOCS]
     assert not missing, f"parameters without a one-line comment in featmap.run.presets.DOCS: {missing}"
+
+
+def test_papermill_reads_every_parameter_of_every_cell():
+    import logging
+
+    from papermill.translators import PythonTranslator
+
+    from featmap.run.presets import PRESETS, defaults, parameters_cell
+
+    for chapter in PRESETS:
+        handler = logging.Handler()
+        records = []
+        handler.emit = records.append
+        logging.getLogger("papermill.translators").addHandler(handler)
+        try:
+            names = [p.name for p in PythonTranslator.inspect({"source": parameters_cell(chapter)})]
+        finally:
+            logging.getLogger("papermill.translators").removeHandler(handler)
+        assert names == list(defaults(chapter)) and not records, (chapter, [r.getMessage() for r in records])

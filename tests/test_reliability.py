@@ -252,7 +252,7 @@ WRONG_PARAMETER_CASES = [
      r"does not fit resnet18: \d+ missing keys"),
     ("device gpu", lambda: resolve_device("gpu"), ValueError, r"device must be .*got 'gpu'"),
     ("unknown layer", lambda: _backbone(["blocks.60"]), ValueError,
-     r"unknown layer 'blocks.60' for tf_efficientnet_lite0; its stages: blocks.0"),
+     r"blocks.60.* tf_efficientnet_lite0"),
     ("layers as one string", lambda: _backbone("blocks.6"), TypeError, r"layers must be a non-empty list.*'blocks.6'"),
     ("images folder missing", lambda: ImageSet.from_spec("/nowhere/photos"), FileNotFoundError,
      r"image folder /nowhere/photos does not exist"),
@@ -326,7 +326,7 @@ def _run_child(plan: dict, run_dir: str) -> None:
     def hooked(path, write):
         name = Path(path).name
         kind = ("feature" if name.endswith(".npy") else "checkpoint" if name.endswith(".partial.pt")
-                else "map" if name.endswith(".pt") else "other")
+                else "map" if name.endswith(".pt") and Path(path).parent.name == "maps" else "other")
         counts[kind] = counts.get(kind, 0) + 1
         if not kill or kill["kind"] != kind or kill["at"] != counts[kind]:
             return real(path, write)
@@ -519,9 +519,12 @@ class _Payload:
 
 def test_every_load_in_the_package_refuses_pickles():
     calls = {"torch.load": 0, "np.load": 0}
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         text = path.read_text()
-        assert not re.search(r"^\s*(import pickle|from pickle|import joblib|import dill)", text, re.M), path.name
+        if re.search(r"^\s*(import pickle|from pickle)", text, re.M):  # only behind a class-restricted unpickler
+            assert re.search(r"def find_class\(self, module.*\n(.*\n){0,12}.*raise pickle\.UnpicklingError", text), \
+                f"{path.name} imports pickle without a restricted find_class"
+        assert not re.search(r"^\s*(import joblib|import dill)", text, re.M), path.name
         assert "pickle.load" not in text and "allow_pickle=True" not in text, path.name
         for fn in calls:
             for m in re.finditer(re.escape(fn) + r"\(", text):
@@ -560,6 +563,7 @@ def test_a_pickle_as_a_trained_map_is_refused_and_the_map_retrained(tmp_path, ph
     torch.save({"model": _Payload(marker), "history": {}}, saved)
     partial = saved.with_name(saved.name.replace(".pt", ".partial.pt"))
     torch.save({"net": _Payload(marker)}, partial)  # a planted resume checkpoint is refused too
+    shutil.rmtree(tmp_path / "c" / "scores")  # cached scores would spare the map file a read; make the run read it
     again = run_chapter(config).table  # both are discarded unrun, and the map is trained again from scratch
     assert not marker.exists()
     timed = first.metric.isin(TIMING_METRICS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from featmap.maps.base import MAPPINGS, FitData, Mapping
-from featmap.maps.stats import LinearStats, PositionStats, fit_ridge, select_ridge
+from featmap.maps.stats import RIDGE_GRID, LinearStats, PositionStats, fit_ridge, select_ridge
 
 
 class Identity(Mapping):
@@ -17,8 +17,12 @@ class Identity(Mapping):
 
 
 def _square_stats(data: FitData, name: str) -> LinearStats:
-    """Returns the statistics of all training photos (train + validation) for a map that needs C_in = C_out."""
-    stats = data.stats("train").merged(data.stats("val"))
+    """Returns the statistics of the training photos for a map that needs C_in = C_out.
+
+    Every map, closed-form or trained, is fit on the training photos only; the validation photos choose (the ridge
+    strength, the early-stopping epoch) and score the choice of a best map, so maps are compared on equal terms.
+    """
+    stats = data.stats("train")
     if stats.c_in != stats.c_out:
         raise ValueError(f"{name} needs equal input and output channels, got {stats.c_in} and {stats.c_out}")
     return stats
@@ -45,8 +49,10 @@ class Linear(Mapping):
     """y = W x + b at every position (a 1x1 affine map shared over positions), fit in closed form.
 
     ``ridge`` = "auto" picks the relative strength from ``RIDGE_GRID`` by validation error (validation
-    photos held out of the training photos), then refits on all training photos; a number fixes it.
-    The absolute strength is ``ridge * trace(X^T X) / C``.
+    photos held out of the training photos); a number fixes it. The map is fit on the training photos only (as
+    every map: the validation photos choose, they are not fit). The absolute strength is
+    ``ridge * trace(X^T X) / C`` of the training inputs; ``alpha_at_edge`` flags a strength at the grid's largest
+    value, where the prior rather than the data may decide the map's geometry.
     """
 
     name, linear = "linear", True
@@ -57,9 +63,8 @@ class Linear(Mapping):
     def fit(self, data: FitData) -> "Linear":
         train, val = self._stats(data, "train"), self._stats(data, "val")
         self.alpha, self.val_errors = select_ridge(self.options.ridge, train, val)
-        stats = train.merged(val)
-        self.lam = self.alpha * stats.mean_eigenvalue
-        coef = fit_ridge(stats, self.lam)
+        self.lam = self.alpha * train.mean_eigenvalue
+        coef = fit_ridge(train, self.lam)
         self.weight = coef[..., :-1, :].transpose(-1, -2).float().contiguous()  # (C_out, C_in), per position
         self.bias = coef[..., -1, :].float()
         return self
@@ -71,7 +76,10 @@ class Linear(Mapping):
         return self.weight.numel() + self.bias.numel()
 
     def extra_metrics(self) -> dict[str, float]:
-        return {"ridge_alpha": self.alpha, "ridge_lambda": self.lam}
+        out = {"ridge_alpha": self.alpha, "ridge_lambda": self.lam}
+        if self.options.ridge == "auto":
+            out["alpha_at_edge"] = float(self.alpha == max(RIDGE_GRID))
+        return out
 
 
 class LocalLinear(Linear):

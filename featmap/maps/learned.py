@@ -1,4 +1,4 @@
-"""Maps trained by gradient descent (one loop, ``training.train_map``), cached by content like features.
+"""Maps trained by gradient descent (the one loop, ``train.loop.train_map``), cached by content like features.
 
 ``linear_sgd`` (the shared 1x1 affine map, trained), ``mlp`` (per position, shared), ``cnn`` (two 3x3
 convolutions: a 5x5 neighbourhood), ``transformer`` (global, tokens = positions, no positional encoding, as
@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from featmap.core.device import resolve_device
-from featmap.core.io import atomic_write, content_key, default_cache_dir
+from featmap.core.io import content_key, default_cache_dir
 from featmap.core.seeding import derive_seed
 from featmap.maps.base import MAP_SIZES, MAPPINGS, FitData, Mapping
 from featmap.train.loop import train_map
 from featmap.train.normalizer import NormalizedMap, Normalizer
+from featmap.train.strategy import strategy_for
 
 if TYPE_CHECKING:
     from featmap.core.distributed import Context
@@ -108,10 +109,10 @@ class LearnedMapping(Mapping):
     def fit(self, data: FitData, context: Context | None = None) -> "LearnedMapping":
         """Returns self, trained on ``data`` or loaded from the map cache.
 
-        ``context`` (``featmap.distributed``): train under DistributedDataParallel; rank 0 decides whether the
-        cached map is usable and writes the result, and every rank ends with rank 0's map.
+        ``context`` (``featmap.core.distributed``): train under DistributedDataParallel (``train.strategy``): rank 0
+        decides whether the cached map is usable and writes the result, and every rank ends with rank 0's map.
         """
-        ddp = context is not None and context.distributed
+        strategy = strategy_for(context)
         x_train, y_train = data.tensors("train")
         x_val, y_val = data.tensors("val")
         c, h, w = x_train.shape[1:]
@@ -122,26 +123,21 @@ class LearnedMapping(Mapping):
             torch.manual_seed(derive_seed(self.options.train.seed, "init", key))
             net = build_net(self.name, c, h * w, MAP_SIZES[self.options.size], self.options.residual)
         self.model = NormalizedMap(net, Normalizer(torch.zeros(c), torch.ones(c)))
-        saved = None
-        if final.is_file() and (not ddp or context.is_main):
-            try:
-                saved = torch.load(final, map_location="cpu", weights_only=True)
-                self.model.load_state_dict(saved["model"])
-            except Exception:  # unreadable or stale: never trusted, trained again
-                final.unlink(missing_ok=True)
-                saved = None
-        if ddp:
-            saved = context.broadcast(saved)
-        if saved is None:
+
+        def load(path: Path) -> dict:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(saved["model"])  # a stale entry (another architecture) fails here
+            return saved
+
+        def train() -> dict:
             model, history = train_map(net, (x_train, y_train), (x_val, y_val), self.options.train,
                                        resolve_device(self.options.device), checkpoint=partial,
                                        progress=self.options.progress, desc=f"{self.name}", context=context)
-            saved = {"model": model.state_dict(), "history": {k: v for k, v in history.items() if k != "config"}}
-            if ddp:  # rank 0's map for everyone (batch-norm buffers are rank 0's; parameters agree already)
-                saved = context.broadcast(saved)
-            if not ddp or context.is_main:
-                atomic_write(final, lambda f: torch.save(saved, f))
-                partial.unlink(missing_ok=True)
+            return {"model": model.state_dict(), "history": {k: v for k, v in history.items() if k != "config"}}
+
+        saved = strategy.cached(final, load, train, lambda f, value: torch.save(value, f))
+        if strategy.writes:
+            partial.unlink(missing_ok=True)
         self.model.load_state_dict(saved["model"])
         self.model.eval()
         self.history = saved["history"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 # Candidate ridge strengths, relative to the mean eigenvalue trace(X^T X) / C of the inputs.
-RIDGE_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+RIDGE_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 def positions(x: torch.Tensor) -> torch.Tensor:

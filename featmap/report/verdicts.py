@@ -6,7 +6,10 @@ manipulation, backbone, layer, mapping, spatial, metric, value, n, ci_low, ci_hi
 backbone and spatial (``KEY``), so two backbones or two spatial modes never mix. Intervals are the paired
 bootstrap intervals the table carries; ``gap`` rows are per-photo differences of two maps on the same photos.
 
-Depends on numpy and pandas only.
+The project's single definitions are used throughout: metric directions from the metric registry
+(``score.metrics.higher_is_better``), the comparable spatial mode (``core.table.comparable_rows``), the global maps
+(``maps.base.GLOBAL_MAPS``), the ridge grid (``maps.stats.RIDGE_GRID``) and which edits are partner-based
+controls (``CONTROLS``: the editors marked as controls).
 """
 from __future__ import annotations
 
@@ -17,6 +20,11 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from featmap.core.table import comparable_rows
+from featmap.maps.base import GLOBAL_MAPS
+from featmap.maps.stats import RIDGE_GRID
+from featmap.score.metrics import higher_is_better as _higher_is_better
+
 HOLDS = "holds"
 FAILS = "does not hold"
 INCONCLUSIVE = "inconclusive"
@@ -25,12 +33,7 @@ OUTCOMES = (HOLDS, FAILS, INCONCLUSIVE)
 KEY = ["family", "manipulation", "backbone", "layer", "spatial"]
 # Edits whose target depends on a random partner photo: not a function of the original, so negative controls.
 CONTROLS = ("background_swap", "object_paste")
-GLOBAL_MAPS = ("transformer", "transformer_pe")
 NOT_FITTED = ("identity", "target")  # rows that are no fitted map (identity is the floor, target the ceiling)
-# Metrics where lower is better (image distances, divergences, errors); every other metric is higher-is-better.
-LOWER_IS_BETTER = ("rel_err", "jsd", "lpips", "st_lpips")
-# Relative ridge strengths of the project's ``ridge: auto`` (trace(X^T X) / C units).
-RIDGE_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 RANDOM_SUFFIX = ":random"
 
 
@@ -103,18 +106,11 @@ def non_inferiority(ci_low, ci_high, tolerance):
 # -- helpers ----------------------------------------------------------------------------------------------
 
 def lower_is_better(metric: str) -> bool:
-    """Returns whether lower values of ``metric`` are better: a name of ``LOWER_IS_BETTER``, with an optional
-    ``val_`` prefix and any ``_vs_...`` / ``_gap_...`` suffix."""
-    base = metric.removeprefix("val_")
-    base = re.split(r"_vs_|_gap_", base)[0]
-    return base in LOWER_IS_BETTER
+    """Returns whether lower values of ``metric`` are better (the metric registry's direction)."""
+    return not _higher_is_better(metric)
 
 
-def comparable(table: pd.DataFrame) -> pd.DataFrame:
-    """Returns the rows where every map sees the same input: geometric edits after the grid operation (spatial
-    ``applied``), every other family as it is (``none``)."""
-    geometric = table["family"] == "geometric"
-    return table[(geometric & (table["spatial"] == "applied")) | (~geometric & (table["spatial"] == "none"))]
+comparable = comparable_rows
 
 
 def _is_control(manipulation: pd.Series, controls: Iterable[str]) -> pd.Series:

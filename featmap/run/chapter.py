@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from featmap.core.seeding import derive_seed
 from featmap.core.table import COLUMNS, row, sample_rows, write_results
 from featmap.data.images import ImageSet, Split, View, to_uint8_images
 from featmap.edits.editors import SplitEdit, get_editor
@@ -23,6 +24,7 @@ from featmap.maps.stats import positions
 from featmap.run.config import RunConfig
 from featmap.run.plan import Cell, Plan
 from featmap.run.scores import ScoreCache
+from featmap.score.change import box_mask, changed_positions, cos_changed
 from featmap.score.geometry import linear_geometry
 from featmap.score.imagespace import ImageScorer
 from featmap.score.inversion import Inverter, InverterConfig, train_inverter
@@ -57,20 +59,29 @@ def map_options(config: RunConfig, progress: bool = True) -> MapOptions:
 
 
 # The metrics compared that way: feature space, the classifier's decision, and image space.
-GAP_METRICS = ("cos_mean", "top1_agree", "ssim", "st_lpips", "cos_reextract_median")
+GAP_METRICS = ("cos_mean", "cos_changed_mean", "top1_agree", "ssim", "lpips", "st_lpips", "cos_reextract_median")
+
+
+def finite_rows(base: dict, metric: str, per_sample: np.ndarray, n_boot: int, seed: int) -> list[dict]:
+    """Returns the row of a per-sample metric over its finite samples (a changed-region score is NaN for a photo
+    the edit left unchanged at this layer), or no row when none is finite; ``n`` counts the samples used."""
+    values = np.asarray(per_sample, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return [sample_rows(base, metric, values, n_boot, seed)] if len(values) else []
 
 
 def gap_rows(base: dict, per_sample: dict[str, dict[str, np.ndarray]], n_boot: int, seed: int) -> list[dict]:
-    """Returns rows ``<metric>_gap_<global map>`` for the linear map: the per-sample difference linear - global,
-    averaged, with a paired bootstrap interval (both maps scored on the same test photos)."""
-    if "linear" not in per_sample:
-        return []
+    """Returns paired gap rows: ``<metric>_gap_identity`` for every fitted map (the map minus identity, photo by
+    photo: claim 1's test) and ``<metric>_gap_<global map>`` for the linear map (linear minus a global map: claim
+    2's), each averaged over the photos both scored, with a paired bootstrap interval."""
     out = []
-    for other in GLOBAL_MAPS:
+    pairs = [(name, "identity") for name in per_sample if name != "identity"]
+    pairs += [("linear", other) for other in GLOBAL_MAPS if "linear" in per_sample]
+    for name, other in pairs:
         for metric, values in per_sample.get(other, {}).items():
-            if metric in per_sample["linear"] and metric in GAP_METRICS:
-                out.append(sample_rows({**base, "mapping": "linear"}, f"{metric}_gap_{other}",
-                                       per_sample["linear"][metric] - values, n_boot, seed))
+            if metric in per_sample[name] and metric in GAP_METRICS:
+                out += finite_rows({**base, "mapping": name}, f"{metric}_gap_{other}",
+                                   per_sample[name][metric] - values, n_boot, seed)
     return out
 
 
@@ -152,6 +163,16 @@ def inverters_for(config: RunConfig, store: FeatureStore, split: Split,
             for layer in layers}
 
 
+def image_subset(test: list[View], n: int | None, seed: int) -> list[View]:
+    """Returns a seeded random subset of ``n`` test views (all for None), in test order: the photos scored in image
+    space. Drawn from the photo keys, so every edit that can use a photo draws it alike."""
+    if n is None or n >= len(test):
+        return list(test)
+    order = sorted(test, key=lambda v: derive_seed(seed, "image_photos", v.key))
+    chosen = {v.key for v in order[:n]}
+    return [v for v in test if v.key in chosen]
+
+
 class CellScorer:
     """What the cells of one (manipulation, layer) share, built on first need: the test features, the classifier
     tail's scorer and the image-space scorer. A rerun whose scores are all cached builds none of them."""
@@ -160,7 +181,7 @@ class CellScorer:
                  inverter: Inverter | None, tails: dict):
         self.config, self.store, self.manip, self.layer, self.test = config, store, manip, layer, test
         self.inverter, self._tails = inverter, tails
-        self.image_views = test[:config.image_photos]
+        self.image_views = image_subset(test, config.image_photos, config.seed)
         self._built: dict = {}
 
     def identity(self) -> dict:
@@ -188,6 +209,22 @@ class CellScorer:
     @property
     def y_test(self) -> torch.Tensor:
         return self._get("y", lambda: self.store.load(self.test, self.manip, self.layer))
+
+    @property
+    def changed(self) -> torch.Tensor:
+        """Returns (N, H*W) bool: the positions the edit changed in each test photo (see ``score.change``): the
+        painted square or the object mask mapped onto the grid where the edit has one, else the positions whose
+        true change (against the grid-permuted original for geometric edits) exceeds the default threshold."""
+        def make():
+            x, y, manip = self.x_test, self.y_test, self.manip
+            if getattr(manip, "box", None) is not None:
+                return changed_positions(x, y, mask=box_mask(manip.box, self.store.backbone.preprocessing.size))
+            if isinstance(manip, SplitEdit):
+                masks = [manip.mask(v, self.store.image(v, None)) for v in self.test]
+                if all(m is not None for m in masks):
+                    return changed_positions(x, y, mask=torch.from_numpy(np.stack(masks)))
+            return changed_positions(manip.grid_op(x) if manip.grid_op is not None else x, y)
+        return self._get("changed", make)
 
     @property
     def semantic(self) -> SemanticScorer:
@@ -240,6 +277,8 @@ def _map_scores(config: RunConfig, group: CellScorer, cell: Cell, mapping: Mappi
     b = _row_base(config, group.manip, cell.layer, cell.spatial, mapping.name)
     y_test = group.y_test
     scores = {metric: METRICS.get(metric).fn(pred, y_test).numpy() for metric in FEATURE_METRICS}
+    scores["cos_changed_mean"], scores["cos_changed_median"] = (v.numpy() for v in cos_changed(pred, y_test,
+                                                                                                 group.changed))
     rows, arrays = [], {}
     if cell.semantics:
         scores.update(group.semantic.agreement(pred))
@@ -250,7 +289,12 @@ def _map_scores(config: RunConfig, group: CellScorer, cell: Cell, mapping: Mappi
         scores.update(imager.scores(pred[:len(imager.reference)]))
         arrays["image"] = imager.reconstruct(pred[:n_examples])
         timings["image_seconds"] += time.perf_counter() - t1
-    rows += [sample_rows(b, metric, values, config.bootstrap, config.seed) for metric, values in scores.items()]
+    rows += [r for metric, values in scores.items()
+             for r in finite_rows(b, metric, values, config.bootstrap, config.seed)]
+    x_val, y_val = data.tensors("val")  # the validation photos: never fit, they choose (the best map among them)
+    val_pred = torch.cat([mapping.predict(x_val[i:i + bs]) for i in range(0, len(x_val), bs)])
+    rows.append(sample_rows(b, "val_cos_mean", METRICS.get("cos_mean").fn(val_pred, y_val).numpy(), config.bootstrap,
+                            config.seed))
     rows.append(row(b, "n_train_positions", n_fit * y_test.shape[2] * y_test.shape[3], n_fit))
     rows.append(row(b, "fit_seconds", fit_s, n_fit))
     rows.append(row(b, "n_params", mapping.n_params(), n_fit))
@@ -296,7 +340,7 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
     rows, tails, reconstructions = [], {}, {}
     for manip, layer, cells in plan.groups():
         views = views_of(manip, parts)
-        n_fit = len(views["train"]) + len(views["val"])
+        n_fit = len(views["train"])  # every map is fit on the training photos only
         group = CellScorer(config, store, manip, layer, views["test"], inverters.get(layer), tails)
         ident = group.identity() if group.cacheable() else None
         semantics = any(c.semantics for c in cells)

@@ -84,7 +84,8 @@ DOCS = {
     "mappings": "registry names",
     "spatial": "geometric edits: raw grid for per-position maps (none), grid rotation/flip first (applied); "
                "add learned to let maps that mix positions learn the permutation (about 3 more minutes here)",
-    "ridge": "linear and local_linear: relative ridge strength toward W = I, or auto (chosen on validation photos)",
+    "ridge": "linear and local_linear: relative ridge strength that shrinks W toward the identity, or auto (chosen on "
+             "validation photos)",
     "semantic_layers": "layers whose predicted maps go through the classifier tail: last, all, or a list",
     "learned_layers": "layers where the trained maps (linear_sgd, mlp, cnn, transformer*) run: last, all, or a list",
     "map_size": "trained maps: small (fits the CPU budget) or reference (width 512, 4 layers, 8 heads, ffn 1024)",

@@ -9,16 +9,20 @@ import torch
 from featmap.core.table import COLUMNS, row, sample_rows, write_results
 from featmap.features.backbone import create_model
 from featmap.maps.base import MapOptions
+from featmap.maps.closed_form import Linear
 from featmap.maps.data import PairData
 from featmap.maps.stats import positions
 from featmap.run.chapter import extract, prepare, views_of
 from featmap.run.config import RunConfig
 from featmap.run.plan import Plan
 from featmap.run.scores import ScoreCache
+from featmap.score.change import erank_noise_floor, grid_alignment
 from featmap.score.geometry import linear_geometry, truncate
 from featmap.score.metrics import cos_mean
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
+FIXED_ALPHAS = (0.0, 1.0)  # the geometry at these relative ridge strengths too (rows linear_alpha0, linear_alpha1)
+FLOOR_SHUFFLES = 3  # shuffles of the noise floor of delta_erank
 
 
 def stage_names(backbone: str) -> list[str]:
@@ -44,17 +48,36 @@ def _layer_rows(cfg: RunConfig, store, cell, views: dict, label: str, ranks) -> 
     x_test, y_test = store.load(test, None, layer), store.load(test, manip, layer)
     x_in = manip.grid_op(x_test) if spatial == "applied" else x_test
     base = {"family": manip.family, "manipulation": manip.name, "backbone": label, "layer": layer, "spatial": spatial}
-    n_fit = len(train) + len(val)
+    n_fit = len(train)  # maps are fit on the training photos only
     rows = []
     for cls in cell.mappings:
         mapping = cls(MapOptions(ridge=cfg.ridge)).fit(data)
         rows.append(sample_rows({**base, "mapping": cls.name}, "cos_mean",
                                 cos_mean(mapping.predict(x_in), y_test).numpy(), cfg.bootstrap, cfg.seed))
     lin = {**base, "mapping": "linear"}
-    rows.append(row(lin, "n_train_positions", n_fit * x_test.shape[2] * x_test.shape[3], n_fit))
-    rows.append(row(lin, "ridge_alpha", mapping.alpha, n_fit))
+    rows.append(row(lin, "n_train_positions", len(train) * x_test.shape[2] * x_test.shape[3], len(train)))
+    rows += [row(lin, metric, value, n_fit) for metric, value in mapping.extra_metrics().items()]
     for metric, value in linear_geometry(mapping.weight, mapping.bias, positions(x_in)).items():
         rows.append(row(lin, metric, value, len(test)))
+    # "Low rank" means lower than noise: the same fit, at the same strength, on pairs whose change belongs to
+    # another photo (score.change.erank_noise_floor); min and max over the shuffles as the interval.
+    x_train, y_train = data.tensors("train")
+    floor = erank_noise_floor(x_train, y_train, mapping.lam, n_shuffles=FLOOR_SHUFFLES, seed=cfg.seed)
+    for name in ("delta_erank_floor", "delta_erank_floor_frac"):
+        rows.append(row(lin, name, floor[name], len(train), (floor[name + "_min"], floor[name + "_max"])))
+    # The geometry at fixed strengths beside ``auto``: 0 (least squares, the data alone) and one common alpha for
+    # every layer, so a trend with depth cannot be the prior's fingerprint (auto's alpha grows with depth).
+    for alpha in FIXED_ALPHAS:
+        fixed = Linear(MapOptions(ridge=alpha)).fit(data)
+        b = {**base, "mapping": f"linear_alpha{alpha:g}"}
+        rows.append(sample_rows(b, "cos_mean", cos_mean(fixed.predict(x_in), y_test).numpy(), cfg.bootstrap,
+                                cfg.seed))
+        rows += [row(b, metric, value, len(test))
+                 for metric, value in linear_geometry(fixed.weight, fixed.bias, positions(x_in)).items()]
+    if manip.grid_op is not None:  # how well the grid rotation/flip of f(x) lines up with f(edit(x)) here
+        aligned = grid_alignment(manip.grid_op(x_test), y_test)
+        rows += [row({**base, "mapping": "grid_op"}, metric, value, len(test))
+                 for metric, value in aligned.metrics().items()]
     eye = torch.eye(len(mapping.weight))
     for k in ranks:
         if k >= len(mapping.weight):

@@ -106,10 +106,10 @@ _NOT_PARAMETERS = {"In", "Out", "get_ipython", "exit", "quit", "open"}
 
 
 def given(namespace: dict) -> dict:
-    """Returns the parameters in a notebook's ``namespace``: its plain values (not modules, functions, classes or
-    IPython's own names)."""
+    """Returns the parameters in a notebook's ``namespace``: its plain values (not modules, functions, classes,
+    IPython's own names or UPPER_CASE constants such as a chapter's CHAPTER)."""
     return {k: v for k, v in namespace.items() if not k.startswith("_") and k not in _NOT_PARAMETERS
-            and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+            and not k.isupper() and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
 
 
 def check_names(chapter: str, values: dict) -> None:

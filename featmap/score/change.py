@@ -3,11 +3,10 @@ cosine over those positions only, how a linear map's predicted change splits int
 effective rank of W - I against a shuffled-pairs noise floor, and how well a grid operation lines up with the
 edited image's true feature map (integer and sub-cell shifts).
 
-Maps are (B, C, H, W); channel vectors at positions are (N, C). Depends on numpy and torch only.
+Maps are (B, C, H, W); channel vectors at positions are (N, C).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from featmap.core.seeding import rng_for
+from featmap.maps.stats import LinearStats, fit_ridge, positions
+from featmap.score.geometry import effective_rank
 
 # A position counts as changed (no edit mask given) when ||y_p - x_p|| exceeds this share of the sample's median
 # ||x_p||. Measured on tf_efficientnet_lite0 (20 foolbox photos at 224 px, blocks.1-6) with the four painted
@@ -25,15 +28,11 @@ import torch.nn.functional as F
 # positions by about this much: grayscale and hue_shift_60 median 0.41-0.54, noise_40 0.83-1.01.
 DEFAULT_CHANGE_THRESHOLD = 0.5
 
+
 def _check_maps(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
     if x.ndim != 4 or x.shape != y.shape:
         raise ValueError(f"{what} takes two (B, C, H, W) maps of equal shape, got {tuple(x.shape)} and "
                          f"{tuple(y.shape)}")
-
-
-def positions(x: torch.Tensor) -> torch.Tensor:
-    """Returns the (B*H*W, C) channel vectors of a (B, C, H, W) map (row order: sample, then row, then column)."""
-    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
 def box_mask(box: tuple[float, float, float, float], size: int, batch: int = 1) -> torch.Tensor:
@@ -129,64 +128,15 @@ def cos_changed(pred: torch.Tensor, true: torch.Tensor, changed: torch.Tensor) -
     return mean, median
 
 
-def delta_shares(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor) -> dict[str, float]:
-    """Returns ``delta_wx_share`` and ``delta_bias_share`` of the predicted change y_hat - x = (W - I) x + b.
-
-    Over feature vectors X (N, C): delta_wx_share = median_n ||(W - I) x_n|| / median_n ||y_hat_n - x_n||,
-    delta_bias_share = ||b|| / median_n ||y_hat_n - x_n||. W = I with b != 0 gives (0, 1); b = 0 gives (1, 0).
-    Both are NaN when the map predicts no change (median ||y_hat_n - x_n|| is 0). The shares need not sum to
-    1: the two parts can cancel (each can exceed 1) or point apart.
-    """
-    if W.ndim != 2 or W.shape[0] != W.shape[1] or b.shape != (W.shape[0],) or X.ndim != 2 or X.shape[1] != W.shape[1]:
-        raise ValueError(f"delta_shares takes a square W (C, C), b (C,), X (N, C); got W {tuple(W.shape)}, "
-                         f"b {tuple(b.shape)}, X {tuple(X.shape)}")
-    W, b, X = W.double(), b.double(), X.double()
-    wx = X @ (W - torch.eye(len(W), dtype=W.dtype)).T
-    denom = float((wx + b).norm(dim=1).median())
-    if not denom > 0:
-        return {"delta_wx_share": float("nan"), "delta_bias_share": float("nan")}
-    return {"delta_wx_share": float(wx.norm(dim=1).median()) / denom, "delta_bias_share": float(b.norm()) / denom}
-
-
-def effective_rank(M: torch.Tensor) -> float:
-    """Returns exp of the entropy of M's singular values normalised to sum 1 (Roy and Vetterli); 0 for M = 0."""
-    s = torch.linalg.svdvals(torch.as_tensor(M).double())
-    if not float(s.sum()) > 0:
-        return 0.0
-    p = s / s.sum()
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
 def ridge_toward_identity(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (W (C, C), b (C,)) minimising ||X W^T + 1 b^T - Y||^2 + lam ||W - I||^2, the bias unpenalised.
-
-    x, y: (N, C) channel vectors; ``lam`` is absolute (the project's relative alpha times trace(X^T X) / C).
-    Closed form on the augmented input [X, 1]: (A^T A + lam D) [W^T; b^T] = A^T Y + lam D [I; 0], D = diag(1..1, 0);
-    the minimum-norm least-squares solution where the system is singular (lam = 0, fewer rows than channels).
-    """
+    """Returns (W (C, C), b (C,)) minimising ||X W^T + 1 b^T - Y||^2 + lam ||W - I||^2, the bias unpenalised: the
+    shared linear map's own fit (``maps.stats.fit_ridge``) on channel vectors x, y (N, C); ``lam`` is absolute."""
     if x.ndim != 2 or x.shape != y.shape:
         raise ValueError(f"ridge_toward_identity takes x, y (N, C) of equal shape, got {tuple(x.shape)}, "
                          f"{tuple(y.shape)}")
-    x, y = x.double(), y.double()
-    n, c = x.shape
-    a = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
-    penalty = torch.full((c + 1,), float(lam), dtype=x.dtype)
-    penalty[-1] = 0.0
-    target = torch.zeros(c + 1, c, dtype=x.dtype)
-    target[:c] = torch.eye(c, dtype=x.dtype)
-    lhs = a.T @ a + torch.diag(penalty)
-    rhs = a.T @ y + penalty[:, None] * target
-    try:
-        coef = torch.linalg.solve(lhs, rhs)
-    except RuntimeError:
-        coef = torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
-    return coef[:c].T.contiguous(), coef[c].contiguous()
-
-
-def _rng(seed: int, *parts: object) -> np.random.Generator:
-    h = hashlib.blake2b(repr((int(seed),) + tuple(str(p) for p in parts)).encode(), digest_size=8)
-    return np.random.default_rng(int.from_bytes(h.digest(), "little") >> 1)
+    stats = LinearStats(x.shape[1], y.shape[1]).update(x[:, :, None, None], y[:, :, None, None])
+    coef = fit_ridge(stats, float(lam))
+    return coef[:-1].T.contiguous(), coef[-1].contiguous()
 
 
 FitFn = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
@@ -221,12 +171,12 @@ def erank_noise_floor(x: torch.Tensor, y: torch.Tensor, alpha_abs: float, fit: F
     c = x.shape[1]
     values = []
     for k in range(n_shuffles):
-        order = torch.as_tensor(_rng(seed, "erank_noise_floor", k).permutation(len(x)))
+        order = torch.as_tensor(rng_for(seed, "erank_noise_floor", k).permutation(len(x)))
         partner = torch.empty_like(order)
         partner[order] = order.roll(-1)  # sample order[i] takes order[i + 1]: a derangement
         y_new = y[partner] if shuffle == "target" else x + (y[partner] - x[partner])
         W, _ = fit(xp, positions(y_new) if x.ndim == 4 else y_new, float(alpha_abs))
-        values.append(effective_rank(W.double() - torch.eye(c, dtype=torch.float64)))
+        values.append(effective_rank(torch.linalg.svdvals(W.double() - torch.eye(c, dtype=torch.float64))))
     v = np.array(values)
     stats = {"": float(v.mean()), "_sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
              "_min": float(v.min()), "_max": float(v.max())}

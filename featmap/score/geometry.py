@@ -67,8 +67,29 @@ def truncate(W: torch.Tensor, k: int, around: torch.Tensor | None = None) -> tor
     return (base.double() + (u[:, :k] * s[:k]) @ vh[:k]).to(W.dtype)
 
 
+def delta_shares(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor) -> dict[str, float]:
+    """Returns ``delta_wx_share`` and ``delta_bias_share`` of the predicted change y_hat - x = (W - I) x + b.
+
+    Over feature vectors X (N, C): delta_wx_share = median_n ||(W - I) x_n|| / median_n ||y_hat_n - x_n||,
+    delta_bias_share = ||b|| / median_n ||y_hat_n - x_n||. W = I with b != 0 gives (0, 1); b = 0 gives (1, 0).
+    Both are NaN when the map predicts no change (median ||y_hat_n - x_n|| is 0). The shares need not sum to
+    1: the two parts can cancel (each can exceed 1) or point apart.
+    """
+    if W.ndim != 2 or W.shape[0] != W.shape[1] or b.shape != (W.shape[0],) or X.ndim != 2 or X.shape[1] != W.shape[1]:
+        raise ValueError(f"delta_shares takes a square W (C, C), b (C,), X (N, C); got W {tuple(W.shape)}, "
+                         f"b {tuple(b.shape)}, X {tuple(X.shape)}")
+    W, b, X = W.double(), b.double(), X.double()
+    wx = X @ (W - torch.eye(len(W), dtype=W.dtype)).T
+    denom = float((wx + b).norm(dim=1).median())
+    if not denom > 0:
+        return {"delta_wx_share": float("nan"), "delta_bias_share": float("nan")}
+    return {"delta_wx_share": float(wx.norm(dim=1).median()) / denom, "delta_bias_share": float(b.norm()) / denom}
+
+
 def linear_geometry(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor) -> dict[str, float]:
-    """Returns the weight-vs-bias shares of y = W x + b over feature vectors X (N, C_in), and the spectrum
-    metrics of W and of W - I (prefix ``delta_``)."""
-    return {**weight_bias_shares(W, b, X), **spectrum_metrics(W),
+    """Returns the weight-vs-bias shares of y = W x + b over feature vectors X (N, C_in), the same split of the
+    predicted change y - x (``delta_wx_share``, ``delta_bias_share``; square maps), and the spectrum metrics of W
+    and of W - I (prefix ``delta_``)."""
+    shares = delta_shares(W, b, X) if W.shape[0] == W.shape[1] else {}
+    return {**weight_bias_shares(W, b, X), **shares, **spectrum_metrics(W),
             **spectrum_metrics(W - torch.eye(*W.shape, dtype=W.dtype), prefix="delta_")}

@@ -69,7 +69,9 @@ for _name, _higher, _definition in (
         ("top1_agree", True, "1 when the predicted map's top-1 class is the true manipulated map's (see top1_agree)"),
         ("jsd", False, "Jensen-Shannon divergence in bits between the two class distributions (see jsd)"),
         ("top1_acc", True, "1 when the ImageNet label is the top-1 class of the map (see topk_correct)"),
-        ("top5_acc", True, "1 when the ImageNet label is among the top-5 classes of the map (see topk_correct)")):
+        ("top5_acc", True, "1 when the ImageNet label is among the top-5 classes of the map (see topk_correct)"),
+        ("cos_changed_mean", True, "cos_mean over the positions the edit changed only (see score.change)"),
+        ("cos_changed_median", True, "cos_median over the positions the edit changed only (see score.change)")):
     METRICS.add(_name, lambda n=_name, h=_higher, d=_definition: TableMetric(n, h, d))
 
 # Row-name suffixes that keep the direction of the metric they qualify.
@@ -78,9 +80,10 @@ _SUFFIXES = ("_vs_inv_target",)
 
 def higher_is_better(metric: str) -> bool:
     """Returns whether a larger value of the results-table metric ``metric`` is better, from the registry: a
-    registered metric, the same with ``_vs_inv_target``, or a paired gap ``<metric>_gap_<map>`` (a map minus
-    another on ``<metric>``: larger is better exactly when it is for ``<metric>``). Raises for other names."""
-    base = metric.split("_gap_")[0]
+    registered metric, the same with ``_vs_inv_target`` or scored on validation photos (``val_``), or a paired
+    gap ``<metric>_gap_<map>`` (a map minus another on ``<metric>``: larger is better exactly when it is for
+    ``<metric>``). Raises for other names."""
+    base = metric.split("_gap_")[0].removeprefix("val_")
     for suffix in _SUFFIXES:
         base = base.removesuffix(suffix)
     import featmap.score  # noqa: F401  (image metrics register on import)

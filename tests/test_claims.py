@@ -1,128 +1,90 @@
-"""The claims module on planted tables: every verdict follows from the numbers it is given."""
+"""The claims on planted tables: every verdict follows from the numbers it is given, in three outcomes."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from featmap.core.table import COLUMNS, row
-from featmap.report.claims import (
-    claim_layer_trends,
-    claim_learnable,
-    claim_linear_close,
-    family_verdicts,
-    overall,
-    read_all,
-    verdict,
-)
+from featmap.report import claims
+from featmap.report.verdicts import FAILS, HOLDS, INCONCLUSIVE
 from featmap.run.chapter import gap_rows
 
 
-def _row(family, manip, mapping, metric, value, ci=None, spatial=None, layer="blocks.6", backbone="b"):
+def _row(family, manip, mapping, metric, value, ci=None, layer="blocks.6", backbone="b", spatial=None):
     spatial = spatial or ("applied" if family == "geometric" else "none")
     base = {"family": family, "manipulation": manip, "backbone": backbone, "layer": layer, "mapping": mapping,
             "spatial": spatial}
     return row(base, metric, value, 10, ci or (value - 0.01, value + 0.01))
 
 
-def test_verdict_thresholds():
-    assert verdict(1.0) == "holds"
-    assert verdict(0.5) == "holds partly" and verdict(0.49) == "does not hold"
-    assert verdict(float("nan")) == "does not hold"
+def _case(family, manip, identity, gain, ci, **kw):
+    return [_row(family, manip, "identity", "cos_mean", identity, **kw),
+            _row(family, manip, "linear", "cos_mean_gap_identity", gain, ci, **kw)]
 
 
-def test_learnable_uses_the_interval_against_identity():
-    rows = [
-        _row("photometric", "grayscale", "identity", "cos_mean", 0.80),
-        _row("photometric", "grayscale", "linear", "cos_mean", 0.90, (0.85, 0.95)),  # beats
-        _row("photometric", "noise_40", "identity", "cos_mean", 0.80),
-        _row("photometric", "noise_40", "linear", "cos_mean", 0.82, (0.78, 0.86)),  # interval reaches identity
-        _row("photometric", "noise_40", "mlp", "cos_mean", 0.90, (0.88, 0.92)),
-        # a raw-grid geometric row must be ignored (only the permuted comparison counts)
-        _row("geometric", "rotation_90", "linear", "cos_mean", 0.1, spatial="none"),
-        _row("geometric", "rotation_90", "identity", "cos_mean", 0.60),
-        _row("geometric", "rotation_90", "linear", "cos_mean", 0.70, (0.65, 0.75)),
-    ]
-    cases = claim_learnable(pd.DataFrame(rows, columns=COLUMNS))
-    by = cases.set_index("manipulation")
-    assert bool(by.loc["grayscale", "beats_identity"]) and not bool(by.loc["noise_40", "beats_identity"])
-    assert by.loc["noise_40", "best_map"] == "mlp" and bool(by.loc["noise_40", "best_beats_identity"])
-    assert by.loc["rotation_90", "value"] == pytest.approx(0.70)
-    fam = family_verdicts(cases, "beats_identity").set_index("family")
-    assert fam.loc["photometric", "verdict"] == "holds partly" and fam.loc["geometric", "verdict"] == "holds"
-    assert family_verdicts(cases, "best_beats_identity").set_index("family").loc["photometric", "verdict"] == "holds"
+def test_claim_one_is_paired_needs_a_minimum_effect_and_keeps_controls_apart():
+    rows = (_case("photometric", "grayscale", 0.80, 0.05, (0.04, 0.06))  # holds: above 0 and >= 0.02
+            + _case("masking", "mask_small_square_center", 0.97, 0.004, (0.003, 0.005))  # paired, >= 10% of 0.03
+            + _case("photometric", "noise_40", 0.50, 0.01, (0.005, 0.015))  # real but below 0.05: does not hold
+            + _case("semantic", "object_recolor", 0.80, 0.03, (-0.01, 0.07))  # interval straddles: inconclusive
+            + _case("semantic", "background_swap", 0.60, -0.10, (-0.15, -0.05)))  # a control, never counted
+    got = claims.claim_learnable(pd.DataFrame(rows, columns=COLUMNS), "cos_mean", 0.1)
+    outcome = got.cases.set_index("manipulation")["outcome"]
+    assert outcome.to_dict() == {"grayscale": HOLDS, "mask_small_square_center": HOLDS, "noise_40": FAILS,
+                                 "object_recolor": INCONCLUSIVE}
+    assert list(got.controls["manipulation"]) == ["background_swap"]
+    assert got.verdict == FAILS and got.counts.iloc[-1]["cases"] == 4  # one case fails: not "every manipulation"
+    assert "masking: 1 of 1 hold" in got.measured
 
 
-def test_gap_rows_are_paired_differences_and_feed_the_closeness_claim():
+def test_the_unpaired_rule_would_miss_the_paired_gain():
+    # identity's mean 0.970, the linear map's own interval reaches below it, but photo by photo it is always better
     rng = np.random.default_rng(0)
-    common = rng.normal(0.7, 0.1, 40)  # shared per-photo difficulty: pairing removes it from the interval
-    per_sample = {"linear": {"cos_mean": common + 0.01},
-                  "transformer": {"cos_mean": common + 0.02},
-                  "transformer_pe": {"cos_mean": common - 0.05}}
-    base = {"family": "photometric", "manipulation": "grayscale", "backbone": "b", "layer": "blocks.6",
-            "spatial": "none"}
-    rows = gap_rows(base, per_sample, 200, 0)
-    gaps = {r["metric"]: r for r in rows}
-    assert gaps["cos_mean_gap_transformer"]["value"] == pytest.approx(-0.01)
-    assert gaps["cos_mean_gap_transformer_pe"]["value"] == pytest.approx(0.06)
-    # a constant difference has a zero-width paired interval, although the per-map spread is 0.1
-    assert gaps["cos_mean_gap_transformer"]["ci_high"] - gaps["cos_mean_gap_transformer"]["ci_low"] < 1e-9
-    assert gap_rows(base, {"transformer": per_sample["transformer"]}, 10, 0) == []
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    close = claim_linear_close(table, tolerance=0.02)
-    assert close.loc[0, "versus"] == "transformer" and bool(close.loc[0, "close"])
-    assert not bool(claim_linear_close(table, tolerance=0.005).loc[0, "close"])
+    ident = rng.uniform(0.90, 1.0, 40)
+    linear = ident + 0.004
+    base = {"family": "masking", "manipulation": "m", "backbone": "b", "layer": "l", "spatial": "none"}
+    gaps = gap_rows(base, {"identity": {"cos_mean": ident}, "linear": {"cos_mean": linear}}, 200, 0)
+    (gap,) = [r for r in gaps if r["metric"] == "cos_mean_gap_identity"]
+    assert gap["ci_low"] > 0  # paired: the interval of the difference excludes 0
+    unpaired_low = np.quantile([rng.choice(linear, 40).mean() for _ in range(200)], 0.025)
+    assert unpaired_low < ident.mean()  # the old rule (interval of the map vs identity's mean) could not decide
 
 
-def test_layer_trends_verdicts():
+def test_claim_two_is_non_inferiority_with_three_outcomes():
     rows = []
-    for depth, layer in enumerate(["l0", "l1", "l2", "l3"]):
-        for manip in ("a", "b"):
-            rows.append(_row("photometric", manip, "linear", "bias_share", 0.1 * depth, layer=layer))
-            rows.append(_row("photometric", manip, "linear", "erank_frac", [0.5, 0.2, 0.6, 0.3][depth], layer=layer))
-    trends = claim_layer_trends(pd.DataFrame(rows, columns=COLUMNS), metrics=("bias_share", "erank_frac"))
-    by = trends.set_index("metric")
-    assert by.loc["bias_share", "spearman_with_depth"] == pytest.approx(1.0)
-    assert by.loc["bias_share", "verdict"] == "holds"
-    assert by.loc["erank_frac", "verdict"] == "does not hold"
+    for manip, (gap, ci) in {"a": (-0.005, (-0.01, 0.0)), "b": (-0.05, (-0.07, -0.03)), "c": (-0.02, (-0.1, 0.06))
+                             }.items():
+        rows += [_row("photometric", manip, "linear", "cos_mean_gap_transformer", gap, ci),
+                 _row("photometric", manip, "linear", "cos_mean_gap_transformer_pe", gap + 0.01,
+                      (ci[0] + 0.01, ci[1] + 0.01))]
+    got = claims.claim_linear_close(pd.DataFrame(rows, columns=COLUMNS), {"cos_mean": 0.02})
+    outcome = got.cases.set_index("manipulation")["outcome"]
+    assert outcome.to_dict() == {"a": HOLDS, "b": FAILS, "c": INCONCLUSIVE}  # c is under-powered: not "close"
+    assert set(got.cases["versus"]) == {"transformer"}  # the harder comparison decides
+    assert got.verdict == INCONCLUSIVE  # 1 of 3 hold, 1 of 3 fail: no majority either way
 
 
-def test_read_all_needs_a_family_table():
-    with pytest.raises(ValueError, match="run the family chapters"):
-        read_all({"layers": pd.DataFrame([_row("photometric", "a", "linear", "cos_mean", 1.0)], columns=COLUMNS)})
+def test_claims_without_rows_are_not_measured():
+    empty = pd.DataFrame(columns=COLUMNS)
+    assert claims.claim_linear_close(empty, {"cos_mean": 0.02}).verdict == claims.NOT_MEASURED
+    assert claims.claim_geometry(None).verdict == claims.NOT_MEASURED
+    assert claims.claim_depth(empty).verdict == claims.NOT_MEASURED
+    table = claims.overall([claims.claim_geometry(None)])
+    assert list(table.columns) == ["claim", "verdict", "measured", "paper"] and table.loc[0, "claim"] == 3
 
 
-def test_overall_takes_the_weakest_family_and_ignores_the_random_control():
-    fam1 = pd.DataFrame({"family": ["photometric", "masking"], "cases": [4, 4], "agree": [4, 2],
-                         "share": [1.0, 0.5], "verdict": ["holds", "holds partly"]})
-    fam2 = fam1.assign(metric="cos_mean", verdict=["holds", "holds"], agree=[4, 4], share=[1.0, 1.0])
-    trends = pd.DataFrame({"backbone": ["b", "b:random"], "metric": ["bias_share", "bias_share"],
-                           "first_layer": ["l0", "l0"], "first": [0.1, 0.5], "last_layer": ["l3", "l3"],
-                           "last": [0.4, 0.5], "spearman_with_depth": [1.0, 0.0],
-                           "verdict": ["holds", "does not hold"]})
-    trends = pd.concat([trends, trends.iloc[[0]].assign(metric="erank_frac", spearman_with_depth=0.5,
-                                                        verdict="holds partly"),
-                        trends.iloc[[0]].assign(metric="delta_erank_frac", spearman_with_depth=0.1,
-                                                verdict="does not hold")], ignore_index=True)
-    table = overall({1: fam1, 2: fam2}, trends).set_index("claim")
-    # claim 3: weight vs bias holds (bias_share), effective rank partly (its best metric): the weaker is partly
-    assert list(table["verdict"]) == ["holds partly", "holds", "holds partly"]
-    assert "masking: 2 of 4 cases (holds partly)" in table.loc[1, "measured"]
-    assert "b:random" not in table.loc[3, "measured"] and "rho +1.00" in table.loc[3, "measured"]
-    assert "effective rank: erank_frac" in table.loc[3, "measured"]
-    empty = overall({}, None).set_index("claim")
-    assert list(empty["verdict"]) == ["not measured"] * 3
+def test_claim_three_counts_low_rank_only_below_the_noise_floor():
+    rows = []
+    for manip, erank, floor in (("grayscale", 0.2, (0.5, 0.6)), ("noise_40", 0.55, (0.5, 0.6))):
+        rows += [_row("photometric", manip, "linear", "delta_erank_frac", erank),
+                 _row("photometric", manip, "linear", "delta_erank_floor_frac", 0.55, floor),
+                 _row("photometric", manip, "linear", "delta_bias_share", 0.4),
+                 _row("photometric", manip, "linear", "ridge_alpha", 1.0)]
+    got = claims.claim_geometry(pd.DataFrame(rows, columns=COLUMNS))
+    assert got.verdict == claims.DESCRIBED and "below its noise floor in 1 of 2 cases" in got.measured
 
 
-def test_geometry_by_family_averages_linear_rows_and_ranks_the_family():
-    from featmap.report.findings import geometry_by_family, geometry_findings
-
-    rows = [_row("semantic", "a", "linear", "bias_share", 0.4), _row("semantic", "b", "linear", "bias_share", 0.2),
-            _row("masking", "m", "linear", "bias_share", 0.1), _row("masking", "m", "identity", "bias_share", 9.0),
-            _row("geometric", "r", "linear", "bias_share", 5.0, spatial="none"),  # raw grid: excluded
-            _row("geometric", "r", "linear", "bias_share", 0.5)]
-    wide = geometry_by_family([pd.DataFrame(rows, columns=COLUMNS)], metrics=("bias_share",))
-    assert wide.loc[("blocks.6", "semantic"), "bias_share"] == pytest.approx(0.3)
-    assert wide.loc[("blocks.6", "geometric"), "bias_share"] == pytest.approx(0.5)
-    text = geometry_findings(wide, "semantic")
-    assert "semantic 0.300, rank 2 of 3" in text and "geometric 0.500" in text
+def test_read_all_leaves_out_the_layers_table():
+    t = pd.DataFrame([_row("masking", "m", "linear", "cos_mean", 0.9)], columns=COLUMNS)
+    stacked = claims.read_all({"masking": t, "layers": t})
+    assert list(stacked.chapter) == ["masking"]

@@ -10,7 +10,7 @@ from PIL import Image
 
 from featmap.core.registry import UnknownNameError
 from featmap.data.images import ImageSet, Photo, View, load_rgb
-from featmap.edits.editors import EDITORS, get_editor
+from featmap.edits.editors import EDITORS, SplitEdit, get_editor, is_control
 from featmap.edits.segmentation import judge_mask, object_mask
 from featmap.edits.semantic import SkippedItem
 
@@ -49,7 +49,7 @@ def image_of(view: View) -> np.ndarray:
     return load_rgb(view.photo.path)
 
 
-def test_mask_covers_the_planted_object_and_is_cached(tmp_path):
+def test_mask_covers_the_planted_object_and_is_cached(tmp_path, monkeypatch):
     img, disc = planted(0)
     m = object_mask(img, cache_root=tmp_path)
     assert m.ok, m.reason
@@ -58,10 +58,19 @@ def test_mask_covers_the_planted_object_and_is_cached(tmp_path):
     assert abs(m.fraction - disc.mean()) < 0.02
     stored = list((tmp_path / "masks").rglob("*.png"))
     assert len(stored) == 1
-    again = object_mask(img, cache_root=tmp_path)
-    assert np.array_equal(again.mask, m.mask)
-    assert object_mask(img, iterations=2, cache_root=tmp_path) is not None
-    assert len(list((tmp_path / "masks").rglob("*.png"))) == 2  # the settings are part of the key
+    import featmap.edits.segmentation as segmentation
+
+    def no_grabcut(*args, **kwargs):
+        raise AssertionError("GrabCut ran again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(segmentation, "grabcut_mask", no_grabcut)
+        again = object_mask(img, cache_root=tmp_path)  # read back from the cache, not recomputed
+        assert np.array_equal(again.mask, m.mask)
+        with pytest.raises(AssertionError, match="GrabCut ran again"):
+            object_mask(img, iterations=2, cache_root=tmp_path)  # the settings are part of the key
+    assert object_mask(img, iterations=2, cache_root=tmp_path).ok
+    assert len(list((tmp_path / "masks").rglob("*.png"))) == 2
 
 
 def test_failed_masks_say_why():
@@ -124,7 +133,10 @@ def test_object_paste_changes_only_the_pasted_region(photos):
     assert edit.partner_of(view.key, 3).photo.id != view.photo.id
 
 
-@pytest.mark.parametrize("name", ["object_recolor", "object_remove", "background_swap", "object_paste"])
+NEW_EDITS = ["object_blur", "object_grey", "object_recolor_red", "object_recolor_green"]
+
+
+@pytest.mark.parametrize("name", ["object_recolor", "object_remove", "background_swap", "object_paste", *NEW_EDITS])
 def test_edits_are_deterministic_for_a_seed_and_a_rerun_edits_nothing(photos, tmp_path, name):
     view = photos[2]
     img = image_of(view)
@@ -139,6 +151,53 @@ def test_edits_are_deterministic_for_a_seed_and_a_rerun_edits_nothing(photos, tm
     assert list((tmp_path / "a" / "edits").rglob("*.png"))
 
 
+@pytest.mark.parametrize("name", NEW_EDITS)
+def test_photo_only_object_edits_change_only_the_planted_object(monkeypatch, name):
+    from featmap.edits.segmentation import ObjectMask
+
+    img, disc = planted(0)
+    edit = get_editor(name)
+    monkeypatch.setattr(edit, "mask", lambda image: ObjectMask(disc, float(disc.mean()), True))
+    out = edit(img, 0, "synth/a#0")
+    diff = changed(img, out)
+    assert not (diff & ~disc).any()  # nothing outside the object moves
+    assert diff.sum() > 0.9 * disc.sum()  # and nearly all of the object does
+    assert edit.name == name and not is_control(name)
+    inside = out[disc].astype(int)
+    if name == "object_grey":
+        assert (inside.max(axis=1) - inside.min(axis=1)).max() == 0
+    elif name == "object_blur":
+        assert inside.std(axis=0).mean() < 0.5 * img[disc].astype(int).std(axis=0).mean()  # the texture is smoothed
+        assert np.abs(inside.mean(axis=0) - img[disc].mean(axis=0)).max() < 3  # no background bleeds in
+    else:
+        target = colorsys.rgb_to_hsv(*(c / 255 for c in {"red": (255, 0, 0), "green": (0, 200, 0)}[name[15:]]))[0]
+        hues = np.array([colorsys.rgb_to_hsv(*(c / 255 for c in px))[0] for px in out[disc]])
+        assert np.abs((hues - target + 0.5) % 1 - 0.5).max() < 0.02
+
+
+def test_recolour_presets_are_the_recolour_with_a_fixed_colour(tmp_path):
+    img, _ = planted(2)
+    red = get_editor("object_recolor_red", cache_root=tmp_path)
+    assert red.params["colour"] == "#ff0000" and red.name == "object_recolor_red"
+    plain = get_editor("object_recolor", colour="red", cache_root=tmp_path)
+    assert np.array_equal(red(img, 0, "synth/a#0"), plain(img, 0, "synth/a#0"))
+    assert red.cache_key(0) != plain.cache_key(0)  # another name, another row of the table
+    assert get_editor("object_recolor_red", saturation=0.9).params["saturation"] == 0.9
+    with pytest.raises(TypeError, match="object_recolor_red"):
+        get_editor("object_recolor_red", colour="blue")
+    with pytest.raises(ValueError, match="sigma"):
+        get_editor("object_blur", sigma=0)
+    assert get_editor("object_blur", sigma=0.05).cache_key(0) != get_editor("object_blur").cache_key(0)
+
+
+def test_only_partner_edits_are_controls(photos):
+    assert {name for name in EDITORS.names() if is_control(name)} == {"background_swap", "object_paste"}
+    assert not any(is_control(name) for name in ("rotation_90", "grayscale", "no_such_edit", "object_paste_x"))
+    parts = {"train": photos[:3], "test": photos[3:]}
+    assert SplitEdit(lambda: get_editor("object_paste"), parts, image_of, 0).control
+    assert not SplitEdit(lambda: get_editor("object_grey"), parts, image_of, 0).control
+
+
 def test_partners_vary_with_the_seed_never_the_same_photo(photos):
     edit = get_editor("background_swap").bind(photos, image_of)
     chosen = {edit.partner_of(photos[0].key, s).photo.id for s in range(12)}
@@ -150,7 +209,7 @@ def test_partners_vary_with_the_seed_never_the_same_photo(photos):
 
 def test_failed_mask_photos_are_skipped_with_a_reason_never_faked(photos):
     flat = next(v for v in photos if v.photo.id == "synth/flat.png")
-    for name in ("object_recolor", "object_remove", "background_swap"):
+    for name in ("object_recolor", "object_remove", "background_swap", *NEW_EDITS):
         edit = get_editor(name).bind(photos, image_of)
         usable = edit.usable(photos)
         assert flat not in usable and len(usable) == len(photos) - 1
@@ -184,7 +243,8 @@ def test_registry_names_and_parameters_are_checked():
     with pytest.raises(UnknownNameError, match="object_recolor"):
         get_editor("object_recolour_typo")
     assert {"object_recolor", "object_remove", "background_swap", "object_paste", "instruct_pix2pix",
-            "qwen_image_edit", "inpaint"} <= set(EDITORS.names())
+            "qwen_image_edit", "inpaint", "object_blur", "object_grey", "object_recolor_red",
+            "object_recolor_magenta"} <= set(EDITORS.names())
     with pytest.raises(TypeError, match="colour"):
         get_editor("object_recolor", color="blue")
     with pytest.raises(ValueError, match="#rrggbb"):

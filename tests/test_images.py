@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,135 @@ def test_subset_and_bad_specs():
         ImageSet.from_spec(["a"])
     with pytest.raises(ValueError, match="test_fraction"):
         ImageSet.default().split(test_fraction=1.5)
+
+
+# -- groups: near-duplicates and shots of one subject stay on one side ------------------------------------
+
+def _texture(seed: int, h: int = 90, w: int = 120) -> Image.Image:
+    small = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """Ten unrelated photos; a cropped, shrunk, JPEG-recompressed copy of one and a mirrored copy of another;
+    and three photos of a GCompris-style manifest, two of them numbered shots of one subject."""
+    from featmap.data.images import gcompris_photos
+
+    folder = tmp_path / "user"
+    folder.mkdir()
+    for i in range(10):
+        _texture(i).save(folder / f"p{i}.png")
+    p0 = _texture(0)
+    p0.crop((5, 4, 116, 87)).resize((80, 60), Image.Resampling.BILINEAR).save(folder / "p0_copy.jpg", quality=70)
+    _texture(1).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "p1_mirror.png")
+    root = tmp_path / "gcompris"
+    (root / "renewable").mkdir(parents=True)
+    rows = ["file,label,category,source,author,licence,sha256"]
+    shots = [("windmill9", 20, "File:Windmill_Linda_1.jpg"), ("windmill14", 21, "File:Windmill_Linda_2.jpg"),
+             ("windmill15", 22, "File:Windmill_Altenbeichlingen_1.JPG")]
+    for name, seed, source in shots:
+        _texture(seed).save(root / "renewable" / f"{name}.png")
+        rows.append(f"renewable/{name}.png,windmill,renewable,https://commons.wikimedia.org/wiki/{source},"
+                    f"Aschroet,CC0,{name}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return ImageSet(ImageSet.from_folder(folder).photos + gcompris_photos(root))
+
+
+def test_near_duplicates_and_numbered_shots_are_grouped_unrelated_photos_are_not(planted):
+    merged = {g.ids: g.reasons for g in planted.groups if len(g.ids) > 1}
+    assert set(merged) == {("user/p0.png", "user/p0_copy.jpg"), ("user/p1.png", "user/p1_mirror.png"),
+                           ("gcompris/renewable/windmill14.png", "gcompris/renewable/windmill9.png")}
+    assert "near-duplicate" in merged["user/p0.png", "user/p0_copy.jpg"][0]
+    assert "same subject 'aschroet/windmill_linda'" in merged["gcompris/renewable/windmill14.png",
+                                                            "gcompris/renewable/windmill9.png"][0]
+    assert len(planted.groups) == len(planted) - 3
+    card = {row["id"]: row for row in planted.describe()}
+    assert card["user/p0_copy.jpg"]["group"] == "user/p0.png" and "near-duplicate" in card["user/p0_copy.jpg"][
+        "grouped_by"]
+    assert card["user/p5.png"]["group"] == "user/p5.png" and card["user/p5.png"]["grouped_by"] == ""
+
+
+def test_a_group_never_straddles_the_split_and_the_split_is_seeded(planted):
+    side_of = lambda split: {p.id: k for k in ("train", "val", "test") for p in getattr(split, k)}  # noqa: E731
+    tests = set()
+    for seed in range(60):
+        split = planted.split(0.25, 0.25, seed)
+        side = side_of(split)
+        assert sorted(side) == sorted(p.id for p in planted.photos)  # every photo once
+        assert all(split.train) and split.val and split.test
+        for g in planted.groups:
+            assert len({side[i] for i in g.ids}) == 1, (seed, g)
+        tests.add(tuple(p.id for p in split.test))
+        assert side_of(planted.split(0.25, 0.25, seed)) == side
+    assert len(tests) > 30  # the seed moves the groups about
+
+
+def test_without_merges_the_split_is_the_plain_split_by_photo(photo_dir):
+    from featmap.core.seeding import rng_for
+
+    images = ImageSet.from_folder(photo_dir)
+    assert all(len(g.ids) == 1 for g in images.groups)
+    for seed in range(5):
+        order = rng_for(seed, "split").permutation(len(images))
+        split = images.split(0.25, 0.25, seed)
+        assert [p.id for p in split.test] == sorted(images.photos[i].id for i in order[:2])
+        assert [p.id for p in split.val] == sorted(images.photos[i].id for i in order[2:4])
+
+
+def test_every_part_gets_a_group_when_groups_are_large():
+    from featmap.data.images import Photo
+
+    photos = [Photo(id=f"x/{size}_{k}", path=Path(f"/nowhere/{size}_{k}.png"), source="x", label="x", licence="-",
+                    sha256=f"{size}_{k}", subject=f"s{size}") for size in (2, 3, 6) for k in range(size)]
+    images = ImageSet(photos)
+    images.near_duplicate_bits = None  # subjects only (these files do not exist)
+    assert sorted(len(g.ids) for g in images.groups) == [2, 3, 6]
+    for seed in range(20):
+        split = images.split(0.1, 0.45, seed)
+        assert split.train and split.val and split.test
+        assert sorted(p.id for k in ("train", "val", "test") for p in getattr(split, k)) == sorted(p.id for p in photos)
+        assert {len({p.subject for p in getattr(split, k)}) for k in ("train", "val", "test")} == {1}
+
+
+def test_too_few_groups_is_a_clear_error(tmp_path):
+    for i in range(2):
+        _texture(i).save(tmp_path / f"a{i}.png")
+    _texture(0).resize((60, 45)).save(tmp_path / "a0_small.png")
+    images = ImageSet.from_folder(tmp_path)
+    with pytest.raises(ValueError, match="3 groups"):
+        images.split()
+    images.near_duplicate_bits = None  # subjects only: three groups
+    assert len(images.split().test) == 1
+
+
+def test_source_series_drops_a_shot_number_only():
+    from featmap.data.images import source_series
+
+    wiki = "https://commons.wikimedia.org/wiki/File:"
+    linda = source_series("Aschroet", wiki + "Windmill_Linda_1.jpg")
+    assert linda == source_series("aschroet ", wiki + "Windmill_Linda_2.jpg") == "aschroet/windmill_linda"
+    assert source_series("S G", wiki + "Anthias_anthias_Stefano_Guerrieri1.jpg") == \
+        source_series("S G", wiki + "Anthias_anthias_Stefano_Guerrieri.jpg") == "s g/anthias_anthias_stefano_guerrieri"
+    assert source_series("B", wiki + "Plier01.jpg") == "b/plier"
+    assert source_series("M", wiki + "Red_Panda_(30324056733).jpg") == "m/red_panda_(30324056733)"  # a photo id
+    dates = [source_series("S", wiki + f"Pagellus_acarne_04-08-0{d}.jpg") for d in (4, 5)]
+    assert dates[0] != dates[1]  # a date is not a shot number
+    assert source_series("G", wiki + "Giraffe_courtship_%2825657342808%29.jpg") == "g/giraffe_courtship_(25657342808)"
+    pdp = "https://www.publicdomainpictures.net/en/view-image.php?image=182654&picture=old-hammer"
+    assert source_series("George Hodan", pdp) == "george hodan/old_hammer"
+    assert source_series("X", wiki + "Windmill_Linda_1.jpg") != source_series("Y", wiki + "Windmill_Linda_2.jpg")
+    assert source_series("", "") == ""
+
+
+def test_default_set_groups_shots_of_one_subject():
+    images = ImageSet.default()
+    merged = [g for g in images.groups if len(g.ids) > 1]
+    assert ("gcompris/renewable/windmill14.webp", "gcompris/renewable/windmill9.webp") in [g.ids for g in merged]
+    assert ("gcompris/fishes/fish14.webp", "gcompris/fishes/fish5.webp") in [g.ids for g in merged]
+    assert not any("near-duplicate" in r for g in merged for r in g.reasons)  # no copies among the default photos
+    for seed in range(3):
+        split = images.split(seed=seed)
+        side = {p.id: k for k in ("train", "val", "test") for p in getattr(split, k)}
+        assert all(len({side[i] for i in g.ids}) == 1 for g in merged)
+        assert abs(len(split.test) - 0.2 * len(images)) <= 1

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import featmap.score.inversion as inversion
+import featmap.core.io as io
 from featmap.data.images import ImageSet, View, to_uint8_images
 from featmap.edits.manipulations import get_manipulation
 from featmap.features.store import FeatureCache, FeatureStore
@@ -106,7 +106,7 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupte
     data = InverterData.from_store(store, views[:3], MIRROR, "blocks.4", cfg.image_size)
     whole = fit_decoder(data, "blocks.4", cfg, tmp_path / "whole", progress=False)
 
-    real_write, writes = inversion.atomic_write, []
+    real_write, writes = io.atomic_write, []
 
     def crash_on_third_write(path, write):
         writes.append(path)
@@ -114,16 +114,16 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupte
             raise KeyboardInterrupt  # killed after two epochs were checkpointed
         real_write(path, write)
 
-    monkeypatch.setattr(inversion, "atomic_write", crash_on_third_write)
+    monkeypatch.setattr(io, "atomic_write", crash_on_third_write)  # every cache and checkpoint writes through it
     with pytest.raises(KeyboardInterrupt):
         fit_decoder(data, "blocks.4", cfg, tmp_path / "cut", progress=False)
     assert all(p.name.endswith(".partial.pt") for p in writes[:2])
-    monkeypatch.setattr(inversion, "atomic_write", real_write)
+    monkeypatch.setattr(io, "atomic_write", real_write)
     resumed = fit_decoder(data, "blocks.4", cfg, tmp_path / "cut", progress=False)
     assert resumed.epochs_run == 2 and resumed.history["epochs"] == 4
     assert not list((tmp_path / "cut").rglob("*.partial.pt"))
     for a, b in zip(whole.net.state_dict().values(), resumed.net.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6)
+        assert torch.equal(a, b)  # the same run: bit for bit
 
 
 @pytest.mark.parametrize("torn", ["final", "partial"])

@@ -40,18 +40,35 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def read_cached(path: Path, load):
+    """Returns ``load(path)`` when ``path`` holds a readable entry, else None (cache entries are never None).
+
+    An entry that does not load (torn, stale, foreign: ``load`` raises) is deleted and never trusted again.
+    """
+    if not path.is_file():
+        return None
+    try:
+        return load(path)
+    except Exception:  # unreadable or stale: the caller recomputes it
+        path.unlink(missing_ok=True)
+        return None
+
+
+def write_cached(path: Path, save, value) -> None:
+    """Stores ``value`` at ``path`` with ``save(file, value)``, atomically: a crash leaves only a ``.tmp`` file."""
+    atomic_write(path, lambda f: save(f, value))
+
+
 def cached(path: Path, load, compute, save):
     """Returns ``load(path)`` when ``path`` holds a readable entry, else ``compute()``, saved atomically with
     ``save(file, value)`` before it is returned.
 
-    The one try-load / discard / recompute / atomic-write helper of every cache: an entry that does not load (torn,
-    stale, foreign) is deleted and never trusted again; a crash mid-save leaves only a ``.tmp`` file.
+    The one try-load / discard / recompute / atomic-write helper of every cache. Its two halves, ``read_cached``
+    and ``write_cached``, serve the caches whose computing happens elsewhere: features extracted in batches for
+    many entries at once, a map trained by every rank of a data-parallel run while rank 0 alone reads and writes.
     """
-    if path.is_file():
-        try:
-            return load(path)
-        except Exception:  # unreadable or stale: recomputed below
-            path.unlink(missing_ok=True)
-    value = compute()
-    atomic_write(path, lambda f: save(f, value))
+    value = read_cached(path, load)
+    if value is None:
+        value = compute()
+        write_cached(path, save, value)
     return value

@@ -2,15 +2,19 @@
 
 Every image enters featmap through ``load_rgb`` (any mode, size or bit depth -> RGB uint8) and
 ``ImageSet.view`` (-> a square uint8 view at the configured size, the model's own crop and
-interpolation). Splits are by source photo: all views of a photo stay on one side.
+interpolation). Splits are by group of source photos: all views of a photo, its near-duplicates (a
+perceptual hash robust to resizing, recompression, crops and a mirror) and the other shots of its subject
+(named by the data, e.g. the GCompris manifest) stay on one side.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 import torch
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import RandomResizedCrop
 
+from featmap.core.io import cached, content_key, default_cache_dir
 from featmap.core.seeding import derive_seed, rng_for
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
@@ -32,7 +37,12 @@ class ImageLoadError(ValueError):
 
 @dataclass(frozen=True)
 class Photo:
-    """One source photo: a stable id, where it came from, its label and licence, and its bytes' hash."""
+    """One source photo: a stable id, where it came from, its label and licence, and its bytes' hash.
+
+    ``subject`` names what the photo shows where the data says so (GCompris: the author and the source file
+    name up to a trailing shot number, so ``Windmill_Linda_1`` and ``_2`` share one); photos with one
+    subject stay on one side of a split. Empty when unknown.
+    """
 
     id: str
     path: Path
@@ -40,6 +50,7 @@ class Photo:
     label: str
     licence: str
     sha256: str = field(compare=False)
+    subject: str = field(default="", compare=False)
 
     @property
     def imagenet_index(self) -> int | None:
@@ -150,8 +161,144 @@ class Split:
         return [View(p, k) for p in photos for k in range(n)]
 
 
+# -- near-duplicates and subjects: the groups a split keeps together -----------------------------------
+
+_HASH_SIDE, _HASH_FREQ = 64, 16  # DCT of a 64 x 64 grey thumbnail; 16 x 16 low frequencies less DC
+HASH_BITS = _HASH_FREQ ** 2 - 1  # 255
+_CROP_SCALES = (0.94, 0.88, 0.82)  # crops compared against the other photo's whole frame, 3 x 3 anchors each
+_HASH_VERSION = 1
+
+
+def _dct_rows(n: int, k: int) -> np.ndarray:
+    """Returns the first ``k`` rows of the orthonormal n-point DCT-II matrix."""
+    rows = np.sqrt(2 / n) * np.cos(np.pi * (2 * np.arange(n) + 1) * np.arange(k)[:, None] / (2 * n))
+    rows[0] /= np.sqrt(2)
+    return rows
+
+
+_DCT = _dct_rows(_HASH_SIDE, _HASH_FREQ)
+# Hamming distance (of 255 bits) at or under which two photos are near-duplicates. Measured on the 239 default
+# photos: every pair of distinct photos (28,441) lies 82 bits apart or more (0.1% under 89; the closest are
+# two rooftop solar panels, two fish, two pliers); every copy of a photo made by halving, JPEG quality 20,
+# +15% brightness, a mirror, crops of 3-8% a side (mirrored or not), a shift, or crop + resize + JPEG 60 lies
+# within 58 bits of it, a one-sided 8% crop within 66 (1 of 239 over 64); crops of 12% a side fall out (68%
+# within 64). 64, a quarter of the bits, keeps every such copy but one and stays 18 bits under distinct photos.
+NEAR_DUPLICATE_BITS = 64
+_HASH_MEMO: dict[tuple, np.ndarray] = {}
+
+
+def _dct_hash(grey: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
+    thumb = np.asarray(grey.resize((_HASH_SIDE, _HASH_SIDE), Image.Resampling.BOX, box=box), np.float64)
+    coeffs = (_DCT @ thumb @ _DCT.T).ravel()[1:]
+    return np.packbits(np.append(coeffs > np.median(coeffs), False)).view(np.uint64)
+
+
+def perceptual_hashes(image: np.ndarray) -> np.ndarray:
+    """Returns (29, 4) uint64: 255-bit DCT hashes (pHash) of ``image``'s whole frame, its mirror, then 27 crops
+    (scales 0.94, 0.88, 0.82 of each side at 3 x 3 anchors). Row 0 vs row 0 is the plain pHash distance;
+    comparing one photo's frames with the other's crops makes it robust to a cropped or mirrored copy."""
+    grey = Image.fromarray(image).convert("L")
+    w, h = grey.size
+    if min(w, h) > 256:  # box-filter down first: the hash looks at 64 x 64, the crops at most 4x that
+        scale = 256 / min(w, h)
+        grey = grey.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
+        w, h = grey.size
+    rows = [_dct_hash(grey, (0, 0, w, h)), _dct_hash(grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (0, 0, w, h))]
+    for scale in _CROP_SCALES:
+        cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
+        for fy in (0, 0.5, 1):
+            for fx in (0, 0.5, 1):
+                x, y = round(fx * (w - cw)), round(fy * (h - ch))
+                rows.append(_dct_hash(grey, (x, y, x + cw, y + ch)))
+    return np.stack(rows)
+
+
+def photo_hashes(photo: Photo) -> np.ndarray:
+    """Returns ``perceptual_hashes`` of the photo, cached by content (in memory and under the cache dir)."""
+    stat = photo.path.stat()
+    memo = (photo.sha256, str(photo.path), stat.st_size, stat.st_mtime_ns)
+    if memo not in _HASH_MEMO:
+        compute = lambda: perceptual_hashes(load_rgb(photo.path))  # noqa: E731
+        if photo.sha256:
+            key = content_key({"phash": _HASH_VERSION, "sha256": photo.sha256, "bytes": stat.st_size})
+
+            def load(path: Path) -> np.ndarray:
+                arr = np.load(path)
+                if arr.dtype != np.uint64 or arr.shape != (2 + 9 * len(_CROP_SCALES), 4):
+                    raise ValueError(f"stale hash entry {path}")
+                return arr
+
+            _HASH_MEMO[memo] = cached(default_cache_dir() / "phash" / key[:2] / f"{key}.npy", load, compute,
+                                      lambda f, v: np.save(f, v))
+        else:
+            _HASH_MEMO[memo] = compute()
+    return _HASH_MEMO[memo]
+
+
+def hash_distances(hashes: np.ndarray, i: int) -> np.ndarray:
+    """Returns (N,) bits between photo ``i`` and every photo of ``hashes`` (N, 29, 4): the least over one
+    photo's whole frame or its mirror against the other's frame, mirror or crops, both ways round."""
+    frames = hashes[:, :2]
+    a = np.bitwise_count(hashes[i, :2, None, None, :] ^ hashes[None]).sum(-1).min(axis=(0, 2))
+    b = np.bitwise_count(hashes[i, :, None, None, :] ^ frames[None]).sum(-1).min(axis=(0, 2))
+    return np.minimum(a, b)
+
+
+@dataclass(frozen=True)
+class PhotoGroup:
+    """Photos a split keeps on one side (ids sorted), and why they are one group (empty for a lone photo)."""
+
+    ids: tuple[str, ...]
+    reasons: tuple[str, ...] = ()
+
+
+def group_photos(photos: list[Photo], near_duplicate_bits: int | None = NEAR_DUPLICATE_BITS) -> list[PhotoGroup]:
+    """Returns the photos in groups, sorted by first id: photos sharing a ``subject``, and photos whose
+    perceptual hashes lie within ``near_duplicate_bits`` (None: subjects only), joined transitively."""
+    ids = [p.id for p in photos]
+    parent = list(range(len(photos)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    links: list[tuple[int, str]] = []
+    by_subject: dict[str, list[int]] = {}
+    for i, p in enumerate(photos):
+        if p.subject:
+            by_subject.setdefault(p.subject, []).append(i)
+    for subject, members in by_subject.items():
+        for j in members[1:]:
+            parent[root(j)] = root(members[0])
+        if len(members) > 1:
+            links.append((members[0], f"same subject {subject!r}: {', '.join(ids[j] for j in members)}"))
+    if near_duplicate_bits is not None and len(photos) > 1:
+        hashes = np.stack([photo_hashes(p) for p in photos])
+        for i in range(len(photos) - 1):
+            dist = hash_distances(hashes, i)
+            for j in np.flatnonzero(dist[i + 1:] <= near_duplicate_bits) + i + 1:
+                parent[root(int(j))] = root(i)
+                links.append((i, f"near-duplicate: {ids[i]} ~ {ids[j]} ({int(dist[j])}/{HASH_BITS} bits)"))
+    members: dict[int, list[int]] = {}
+    for i in range(len(photos)):
+        members.setdefault(root(i), []).append(i)
+    reasons: dict[int, list[str]] = {}
+    for i, why in links:
+        reasons.setdefault(root(i), []).append(why)
+    return sorted((PhotoGroup(tuple(sorted(ids[i] for i in m)), tuple(reasons.get(r, ())))
+                   for r, m in members.items()), key=lambda g: g.ids[0])
+
+
 class ImageSet:
-    """An ordered, de-duplicated list of photos, with views and seeded splits by source photo."""
+    """An ordered, de-duplicated list of photos, with views and seeded splits by group of source photos.
+
+    ``near_duplicate_bits`` is the perceptual-hash distance (of 255 bits) under which two photos are one
+    group (None: group by subject only).
+    """
+
+    near_duplicate_bits: int | None = NEAR_DUPLICATE_BITS
 
     def __init__(self, photos: list[Photo], name: str = "custom"):
         if not photos:
@@ -163,6 +310,7 @@ class ImageSet:
         self.name = name
         self.duplicates = len(photos) - len(self.photos)
         self.skipped: list[str] = []
+        self._groups: tuple[tuple, list[PhotoGroup]] | None = None
 
     def __len__(self) -> int:
         return len(self.photos)
@@ -226,20 +374,50 @@ class ImageSet:
 
     # -- splits and views --------------------------------------------------------------------------
 
+    @property
+    def groups(self) -> list[PhotoGroup]:
+        """Returns the photos in the groups a split keeps together (see ``group_photos``), sorted by first id."""
+        key = (tuple(p.id for p in self.photos), self.near_duplicate_bits)
+        if self._groups is None or self._groups[0] != key:
+            self._groups = (key, group_photos(self.photos, self.near_duplicate_bits))
+        return self._groups[1]
+
     def split(self, test_fraction: float = 0.2, val_fraction: float = 0.2, seed: int = 0) -> Split:
-        """Returns a seeded split by source photo: test, then validation out of the rest, then train."""
+        """Returns a seeded split by group (``groups``): test, then validation out of the rest, then train.
+
+        Groups are taken in a seeded order; each goes to test while it fits the test share of photos, then to
+        validation while it fits that share, else to train (a part no group fits takes the smallest group of
+        the part with the most groups). Without merged groups this is the plain split by photo.
+        """
         for name, v in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
             if not 0 < v < 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {v}")
         n = len(self.photos)
         if n < 3:
             raise ValueError(f"need at least 3 photos for train, validation and test, got {n}")
-        order = rng_for(seed, "split").permutation(n)
+        groups = self.groups
+        if len(groups) < 3:
+            raise ValueError(f"need at least 3 groups of photos for train, validation and test, got {len(groups)} "
+                             f"(near-duplicates and shots of one subject are one group)")
         n_test = min(n - 2, max(1, round(test_fraction * n)))
         n_val = min(n - n_test - 1, max(1, round(val_fraction * (n - n_test))))
-        pick = lambda idx: sorted((self.photos[i] for i in idx), key=lambda p: p.id)  # noqa: E731
-        return Split(train=pick(order[n_test + n_val:]), val=pick(order[n_test:n_test + n_val]),
-                     test=pick(order[:n_test]))
+        parts: dict[str, list[PhotoGroup]] = {"train": [], "val": [], "test": []}
+        room = {"test": n_test, "val": n_val}
+        for i in rng_for(seed, "split").permutation(len(groups)):
+            g = groups[i]
+            part = next((k for k in ("test", "val") if len(g.ids) <= room[k]), "train")
+            parts[part].append(g)
+            if part != "train":
+                room[part] -= len(g.ids)
+        for part in ("test", "val", "train"):
+            if not parts[part]:  # no group fitted its share: the smallest group of the part with the most groups
+                donor = max(parts, key=lambda k: len(parts[k]))
+                g = min(parts[donor], key=lambda g: len(g.ids))
+                parts[donor].remove(g)
+                parts[part].append(g)
+        by_id = {p.id: p for p in self.photos}
+        pick = lambda part: sorted((by_id[i] for g in parts[part] for i in g.ids), key=lambda p: p.id)  # noqa: E731
+        return Split(train=pick("train"), val=pick("val"), test=pick("test"))
 
     @staticmethod
     def view(view: View, size: int, interpolation: str = "bicubic", crop_pct: float = 1.0, seed: int = 0,
@@ -252,26 +430,46 @@ class ImageSet:
         return square_view(image, size, interpolation, random_crop=(crop_seed, round(crop_scale_min * 100), True))
 
     def describe(self) -> "list[dict]":
-        """Returns one dict per photo: id, source, label, licence, width, height, bytes."""
+        """Returns one dict per photo: id, source, label, licence, width, height, bytes, subject, group (the
+        first id of the photos a split keeps with it) and grouped_by (why; empty for a lone photo)."""
+        group_of = {i: g for g in self.groups for i in g.ids}
         rows = []
         for p in self.photos:
             with Image.open(p.path) as img:
                 w, h = img.size
+            g = group_of[p.id]
             rows.append({"id": p.id, "source": p.source, "label": p.label, "licence": p.licence,
-                         "width": w, "height": h, "bytes": p.path.stat().st_size})
+                         "width": w, "height": h, "bytes": p.path.stat().st_size, "subject": p.subject,
+                         "group": g.ids[0], "grouped_by": "; ".join(g.reasons)})
         return rows
 
 
 # -- the default sources ------------------------------------------------------------------------------
 
+def source_series(author: str, source: str) -> str:
+    """Returns ``<author>/<source name>``: the file name (or a ``picture=`` title) of a source address, lower
+    case, its extension and a trailing shot number of one or two digits after a letter dropped
+    (``Windmill_Linda_1.jpg`` -> ``windmill_linda``, ``Plier01.jpg`` -> ``plier``; dates and photo ids stay)."""
+    url = urlsplit(source.strip())
+    query = parse_qs(url.query)
+    name = query["picture"][0] if "picture" in query else unquote(url.path.rstrip("/").rpartition("/")[2])
+    name = name.split(":", 1)[1] if name.lower().startswith("file:") else name
+    name = re.sub(r"\.[A-Za-z]{3,4}$", "", name)
+    name = re.sub(r"[\s\-]+", "_", name.lower()).strip("_")
+    name = re.sub(r"(?<=[^\W\d_])_?\d{1,2}$", "", name)
+    return f"{' '.join(author.lower().split())}/{name}" if name else ""
+
+
 def gcompris_photos(root: Path = REPO_DATA / "gcompris") -> list[Photo]:
-    """Returns the vendored GCompris photos listed in ``data/gcompris/manifest.csv``."""
+    """Returns the vendored GCompris photos listed in ``data/gcompris/manifest.csv``; a photo's subject is its
+    ``source_series`` (one author's numbered shots of one thing share it)."""
     manifest = root / "manifest.csv"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} is missing; regenerate it with scripts/extract_gcompris.py")
     with manifest.open(newline="") as f:
         return [Photo(id=f"gcompris/{row['file']}", path=root / row["file"], source="gcompris",
-                      label=row["label"], licence=row["licence"], sha256=row["sha256"])
+                      label=row["label"], licence=row["licence"], sha256=row["sha256"],
+                      subject=source_series(row.get("author") or "", row.get("source") or ""))
                 for row in csv.DictReader(f)]
 
 

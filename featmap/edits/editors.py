@@ -1,4 +1,9 @@
-"""The offline object-level editors, the registry of editors (generative ones included), and ``SplitEdit``."""
+"""The offline object-level editors, the registry of editors (generative ones included), and ``SplitEdit``.
+
+Editors whose target is a function of the photo alone (recolour, remove, blur, grey) are cases a map may
+learn; editors that take another photo's pixels (``background_swap``, ``object_paste``) have ``control =
+True``: their target is not a function of the original, so they are negative controls (``is_control``).
+"""
 from __future__ import annotations
 
 import functools
@@ -12,6 +17,7 @@ from featmap.core.registry import Registry
 from featmap.core.seeding import rng_for
 from featmap.data.images import View
 from featmap.edits.semantic import (
+    COLOURS,
     SemanticEdit,
     grow,
     inpaint,
@@ -21,10 +27,32 @@ from featmap.edits.semantic import (
 )
 
 
+def blur_inside(image: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    """Returns ``image`` with the pixels inside ``mask`` Gaussian-blurred over the mask only (normalised
+    convolution: no outside colour bleeds in), ``sigma`` a fraction of the shorter side; outside untouched."""
+    import cv2
+
+    px = sigma * min(mask.shape)
+    m = mask.astype(np.float32)
+    num = cv2.GaussianBlur(image.astype(np.float32) * m[..., None], (0, 0), px, borderType=cv2.BORDER_REFLECT)
+    den = cv2.GaussianBlur(m, (0, 0), px, borderType=cv2.BORDER_REFLECT)
+    blurred = np.clip(np.round(num / np.maximum(den, 1e-6)[..., None]), 0, 255).astype(np.uint8)
+    return np.where(mask[..., None], blurred, image)
+
+
+def grey_inside(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Returns ``image`` with the pixels inside ``mask`` set to their ITU-R 601-2 luma (as ``grayscale``)."""
+    from PIL import Image
+
+    luma = np.asarray(Image.fromarray(image).convert("L"))
+    return np.where(mask[..., None], luma[..., None], image)
+
+
 class ObjectRecolour(SemanticEdit):
     """Sets the object's hue to a target colour ("change the body colour to blue")."""
 
     needs_mask = True
+    control = False
 
     def __init__(self, colour: str | tuple = "blue", saturation: float = 0.6, margin: float = 1 / 8,
                  iterations: int = 5, cache_root: str | Path | None = None):
@@ -43,6 +71,7 @@ class ObjectRemove(SemanticEdit):
     """Fills the object (grown by a margin for its halo) from its surroundings ("remove the car")."""
 
     needs_mask = True
+    control = False
 
     def __init__(self, grow: float = 0.02, radius: int = 5, margin: float = 1 / 8, iterations: int = 5,
                  cache_root: str | Path | None = None):
@@ -59,11 +88,42 @@ class ObjectRemove(SemanticEdit):
         return inpaint(image, self.region(image), self.params["radius"])
 
 
+class ObjectBlur(SemanticEdit):
+    """Blurs the object and keeps the rest sharp ("blur the dog"); ``sigma`` is a fraction of the shorter side."""
+
+    needs_mask = True
+    control = False
+
+    def __init__(self, sigma: float = 0.02, margin: float = 1 / 8, iterations: int = 5,
+                 cache_root: str | Path | None = None):
+        if not 0 < sigma <= 0.25:
+            raise ValueError(f"sigma must be a fraction of the shorter side in (0, 0.25], got {sigma}")
+        super().__init__("object_blur", {"sigma": float(sigma)}, margin=margin, iterations=iterations,
+                         cache_root=cache_root)
+
+    def edit(self, image, seed, item):
+        return blur_inside(image, self.mask(image).mask, self.params["sigma"])
+
+
+class ObjectGrey(SemanticEdit):
+    """Turns the object grey (its luma) and keeps the rest in colour ("make the car grey")."""
+
+    needs_mask = True
+    control = False
+
+    def __init__(self, margin: float = 1 / 8, iterations: int = 5, cache_root: str | Path | None = None):
+        super().__init__("object_grey", {}, margin=margin, iterations=iterations, cache_root=cache_root)
+
+    def edit(self, image, seed, item):
+        return grey_inside(image, self.mask(image).mask)
+
+
 class BackgroundSwap(SemanticEdit):
     """Keeps the object and takes everything else from another photo of the same split part."""
 
     needs_mask = True
     partner = "image"
+    control = True  # the new background is another photo's: not a function of the original
 
     def __init__(self, margin: float = 1 / 8, iterations: int = 5,
                  cache_root: str | Path | None = None):
@@ -81,6 +141,7 @@ class ObjectPaste(SemanticEdit):
     """Adds the object of another photo of the same split part, scaled, at a seeded position ("add a bear")."""
 
     partner = "object"
+    control = True  # the pasted object is another photo's: not a function of the original
 
     def __init__(self, scale: float = 0.5, margin: float = 1 / 8, iterations: int = 5,
                  cache_root: str | Path | None = None):
@@ -110,13 +171,39 @@ def _generative(kind: str) -> Callable[..., SemanticEdit]:
     return functools.partial(GenerativeEdit, kind)
 
 
+def _recolour_preset(colour: str) -> Callable[..., ObjectRecolour]:
+    """Returns a factory of ``object_recolor`` with the colour fixed, named ``object_recolor_<colour>``."""
+
+    def make(saturation: float = 0.6, margin: float = 1 / 8, iterations: int = 5,
+             cache_root: str | Path | None = None) -> ObjectRecolour:
+        edit = ObjectRecolour(colour, saturation, margin=margin, iterations=iterations, cache_root=cache_root)
+        edit.name = f"object_recolor_{colour}"
+        return edit
+
+    make.__doc__ = f"Returns ``object_recolor`` with colour {colour} {COLOURS[colour]}, named object_recolor_{colour}."
+    return make
+
+
 EDITORS: Registry[Callable[..., SemanticEdit]] = Registry("editor")
 EDITORS.add("object_recolor", lambda: ObjectRecolour)
+for _colour in COLOURS:  # one case per fixed colour: object_recolor_red, object_recolor_green, ...
+    EDITORS.add(f"object_recolor_{_colour}", lambda c=_colour: _recolour_preset(c))
 EDITORS.add("object_remove", lambda: ObjectRemove)
+EDITORS.add("object_blur", lambda: ObjectBlur)
+EDITORS.add("object_grey", lambda: ObjectGrey)
 EDITORS.add("background_swap", lambda: BackgroundSwap)
 EDITORS.add("object_paste", lambda: ObjectPaste)
 for _kind in ("instruct_pix2pix", "qwen_image_edit", "inpaint"):
     EDITORS.add(_kind, lambda k=_kind: _generative(k))
+
+
+def is_control(name: str) -> bool:
+    """Returns whether ``name`` is an editor whose target depends on another photo (``control = True``: a
+    negative control, never a case). False for every other name, manipulations and manifest edits included."""
+    if not isinstance(name, str) or name not in EDITORS.names():
+        return False
+    factory = EDITORS.get(name)
+    return bool(getattr(getattr(factory, "func", factory), "control", False))
 
 
 def get_editor(name: str, **params) -> SemanticEdit:
@@ -146,6 +233,7 @@ class SplitEdit:
         self.parts = {part: make().bind(views, image_of) for part, views in parts.items()}
         first = next(iter(self.parts.values()))
         self.name, self.params, self.random = first.name, first.params, first.random
+        self.control = bool(getattr(first, "control", False))
         self._part_of = {v.key: part for part, views in parts.items() for v in views}
         self.usable = {part: edit.usable(parts[part], seed) for part, edit in self.parts.items()}
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from featmap.core.io import content_key
+from featmap.core.io import cached, content_key
 from featmap.data.images import ImageSet, Photo, View, load_rgb
-from featmap.edits.semantic import SemanticEdit, SkippedItem, read_png, write_png
+from featmap.edits.segmentation import save_png
+from featmap.edits.semantic import SemanticEdit, SkippedItem, load_png
 
 REQUIRED = ("original", "edited", "edit")
 OPTIONAL = ("prompt", "seed")
@@ -129,11 +130,14 @@ class ManifestEdit(SemanticEdit):
         size = self._sizes[photo_id]  # (width, height)
         key = content_key({"edited": self.sha256[photo_id], "size": list(size)})
         path = self.root / "edits" / "reconciled" / key[:2] / f"{key}.png"
-        if read_png(path, (size[1], size[0], 3)) is None:
+
+        def make() -> np.ndarray:
             edited = load_rgb(pair.edited)
             if edited.shape[:2] != (size[1], size[0]):
                 edited = np.asarray(Image.fromarray(edited).resize(size, Image.Resampling.BICUBIC))
-            write_png(path, edited)
+            return edited
+
+        cached(path, lambda p: load_png(p, (size[1], size[0], 3)), make, save_png)
         return path
 
     def edit(self, image: np.ndarray, seed: int, item: str) -> np.ndarray:

@@ -6,14 +6,13 @@ content key of both (``<cache_root>/masks/<key>.png``) and a rerun segments noth
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from featmap.core.io import atomic_write, content_key, default_cache_dir
+from featmap.core.io import cached, content_key, default_cache_dir
 
 # A mask under this share of the image found no object; GrabCut cannot label anything outside the
 # initial box, so "nearly everything" is measured inside the box: over this share, nothing was separated.
@@ -112,17 +111,19 @@ def object_mask(image: np.ndarray, margin: float = 1 / 8, iterations: int = 5,
     key = content_key({**segmenter_identity(), "image": image_digest(image), "margin": float(margin),
                        "iterations": int(iterations)})
     path = Path(cache_root or default_cache_dir()) / "masks" / key[:2] / f"{key}.png"
-    mask = None
-    try:
-        with Image.open(path) as stored:
+
+    def load(p: Path) -> np.ndarray:
+        with Image.open(p) as stored:
             mask = np.asarray(stored.convert("L")) > 127
         if mask.shape != image.shape[:2]:
-            mask = None
-    except (FileNotFoundError, OSError, ValueError):
-        mask = None  # absent or unreadable: recompute and overwrite
-    if mask is None:
-        mask = grabcut_mask(image, margin, iterations)
-        buf = io.BytesIO()
-        Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
-        atomic_write(path, lambda f: f.write(buf.getvalue()))
+            raise ValueError(f"{p} holds a {mask.shape} mask for a {image.shape[:2]} image")
+        return mask
+
+    mask = cached(path, load, lambda: grabcut_mask(image, margin, iterations),
+                  lambda f, m: save_png(f, m.astype(np.uint8) * 255))
     return judge_mask(mask, margin)
+
+
+def save_png(file, image: np.ndarray) -> None:
+    """Writes ``image`` (uint8, (H, W) or (H, W, 3)) to the open binary ``file`` as a lossless PNG."""
+    Image.fromarray(image).save(file, format="PNG")

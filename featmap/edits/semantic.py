@@ -17,20 +17,20 @@ photo never borrows from a training photo. Edited images are cached losslessly u
 from __future__ import annotations
 
 import colorsys
-import io
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from featmap.core.io import atomic_write, content_key, default_cache_dir
+from featmap.core.io import cached, content_key, default_cache_dir
 from featmap.core.seeding import rng_for
 from featmap.data.images import View
 from featmap.edits.segmentation import (
     ObjectMask,
     image_digest,
     object_mask,
+    save_png,
     segmenter_identity,
 )
 
@@ -67,21 +67,13 @@ def _check_image(image: np.ndarray) -> None:
         raise TypeError(f"an editor takes a (H, W, 3) uint8 RGB array, got {got}")
 
 
-def read_png(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """Returns the RGB image stored at ``path`` if it is readable and of ``shape``, else None."""
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"))
-    except (FileNotFoundError, OSError, ValueError):
-        return None
-    return arr if arr.shape == tuple(shape) else None
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Writes ``image`` (uint8, (H, W) or (H, W, 3)) to ``path`` as PNG, atomically."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+def load_png(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Returns the RGB image stored at ``path``; raises when it does not read or is not of ``shape``."""
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("RGB"))
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{path} holds a {arr.shape} image, expected {tuple(shape)}")
+    return arr
 
 
 # -- the pixel operations (pure) -----------------------------------------------------------------------
@@ -274,16 +266,17 @@ class SemanticEdit:
             identity["partner"] = image_digest(image_of(self.partner_of(item, seed)))
         key = content_key(identity)
         path = self.root / "edits" / key[:2] / f"{key}.png"
-        if self.cache_edits:
-            stored = read_png(path, image.shape)
-            if stored is not None:
-                self.cache_hits += 1
-                return stored
-        out = self.edit(image, seed, item)
-        if out.shape != image.shape or out.dtype != np.uint8:
-            raise RuntimeError(f"{self.name} returned {out.dtype} {out.shape} for a {image.shape} uint8 image")
-        out = np.ascontiguousarray(out)
-        if self.cache_edits:
-            write_png(path, out)
-        self.edits_made += 1
-        return out
+
+        def make() -> np.ndarray:
+            out = self.edit(image, seed, item)
+            if out.shape != image.shape or out.dtype != np.uint8:
+                raise RuntimeError(f"{self.name} returned {out.dtype} {out.shape} for a {image.shape} uint8 image")
+            self.edits_made += 1
+            return np.ascontiguousarray(out)
+
+        def load(p: Path) -> np.ndarray:
+            stored = load_png(p, image.shape)
+            self.cache_hits += 1
+            return stored
+
+        return cached(path, load, make, save_png) if self.cache_edits else make()

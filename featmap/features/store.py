@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featmap.core.io import atomic_write, content_key, default_cache_dir
+from featmap.core.io import content_key, default_cache_dir, read_cached, write_cached
 from featmap.data.images import ImageSet, View
 from featmap.edits.manipulations import Manipulation
 from featmap.features.backbone import Backbone
@@ -28,17 +28,13 @@ class FeatureCache:
     def get(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
         """Returns the stored float16 array, or None when absent, unreadable or not of ``shape``."""
         path = self.path(key)
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
+        if not path.is_file():
             self.misses += 1
             return None
-        except (ValueError, OSError, EOFError):
-            arr = None
-        if arr is None or arr.dtype != np.float16 or (shape is not None and arr.shape != tuple(shape)):
+        arr = read_cached(path, lambda p: _load_features(p, shape))
+        if arr is None:  # torn, foreign or of another shape: deleted by read_cached, recomputed by the caller
             self.rejected += 1
             self.misses += 1
-            path.unlink(missing_ok=True)  # never trust it again; it is recomputed
             return None
         self.hits += 1
         return arr
@@ -52,8 +48,15 @@ class FeatureCache:
         if not np.isfinite(array).all() or np.abs(array).max(initial=0) > np.finfo(np.float16).max:
             raise ValueError(f"refusing to cache features under {key}: non-finite or beyond the float16 range")
         arr = np.ascontiguousarray(array, dtype=np.float16)
-        atomic_write(self.path(key), lambda f: np.save(f, arr, allow_pickle=False))
+        write_cached(self.path(key), lambda f, value: np.save(f, value, allow_pickle=False), arr)
         self.writes += 1
+
+
+def _load_features(path: Path, shape: tuple[int, ...] | None) -> np.ndarray:
+    arr = np.load(path, allow_pickle=False)
+    if arr.dtype != np.float16 or (shape is not None and arr.shape != tuple(shape)):
+        raise ValueError(f"{path} holds {arr.dtype} {arr.shape}, not float16 {shape}")
+    return arr
 
 
 @dataclass

@@ -1,21 +1,26 @@
-"""The study's three claims, checked against the results tables: numbers and verdicts computed, never typed.
+"""The study's claims, checked against the results tables: numbers and verdicts computed, never typed.
 
-1. A map can be learned for every manipulation: the fitted maps beat the identity floor (y = x).
-2. The shared linear map is close to the best global map (transformer, transformer_pe).
-3. Across layers, the linear maps' weight-vs-bias dominance and effective rank change with depth.
+1. A map can be learned for every manipulation: the pre-specified shared linear map beats the identity floor
+   (y = x), photo by photo, by at least a minimum effect.
+2. The shared linear map is close to the best global map (transformer, transformer_pe): non-inferior within a
+   tolerance, photo by photo.
+3. Across layers the linear maps are characterised by weight-vs-bias dominance and effective rank: described
+   (not a pass/fail), beside a noise floor, at fixed ridge strengths and for random weights; plus the one
+   directional statement of the paper's revision, "linear sufficiency grows with depth", tested as its own row.
 
-Every verdict is one of ``VERDICTS`` and follows from a rule stated in the function's docstring, with the
-thresholds as arguments, so a reader can see exactly why a claim holds, holds partly, or does not hold.
+Every verdict is one of three outcomes (``verdicts.OUTCOMES``): holds, does not hold, inconclusive. The rules
+live in ``featmap.report.verdicts``; this module applies them to a book's tables and words the result.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pandas as pd
 
-from featmap.core.table import comparable_rows
-from featmap.maps.base import GLOBAL_MAPS
-from featmap.score.metrics import higher_is_better
+from featmap.report import verdicts as v
 
-VERDICTS = ("holds", "holds partly", "does not hold")
+NOT_MEASURED = "not measured"
+DESCRIBED = "described"
 
 # The paper's statements, quoted from its abstract (see shared/paper/seed-summary.txt).
 STATEMENTS = {
@@ -25,161 +30,130 @@ STATEMENTS = {
        "very little degradation in reconstruction quality, even for highly non-trivial semantic manipulations.",
     3: "We analyze the corresponding mappings across different feature layers and characterize them according "
        "to dominance of weight vs. bias and the effective rank of the linear transformations.",
+    "3b": "Linear sufficiency grows with depth (the revision's one directional statement).",
 }
 
 
-def verdict(share: float, partly_from: float = 0.5) -> str:
-    """Returns 'holds' when ``share`` (of cases that agree with the claim) is 1, 'holds partly' when it is at
-    least ``partly_from``, else 'does not hold'; NaN (no cases) is 'does not hold'."""
-    if share != share:
-        return "does not hold"
-    return VERDICTS[0] if share >= 1.0 else VERDICTS[1] if share >= partly_from else VERDICTS[2]
+@dataclass
+class Claim:
+    """One claim on this run: its cases, its controls, the outcome counts and the verdict in words."""
 
-
-def comparable(table: pd.DataFrame) -> pd.DataFrame:
-    """Returns the rows where all maps see the same input: geometric edits after the exact grid permutation
-    (spatial ``applied``), other edits as they are (``none``)."""
-    return comparable_rows(table)
-
-
-def claim_learnable(table: pd.DataFrame, metric: str = "cos_mean", mapping: str = "linear") -> pd.DataFrame:
-    """Returns one row per (family, manipulation, layer): ``mapping``'s metric, its 95% interval, identity's
-    value, and whether the interval lies entirely above identity's mean (``beats_identity``).
-
-    The best map of the case (highest value, any map) is listed next to it. Rule per family: the claim holds
-    when every case beats identity, partly when at least half do (see ``family_verdicts``).
-    """
-    data = comparable(table[table["metric"] == metric])
-    key = ["family", "manipulation", "layer"]
-    ident = data[data["mapping"] == "identity"].set_index(key)["value"].rename("identity")
-    fitted = data[data["mapping"] == mapping].set_index(key)[["value", "ci_low", "ci_high"]]
-    others = data[~data["mapping"].isin(["identity", "target"])]
-    pick = "idxmax" if higher_is_better(metric) else "idxmin"  # the direction from the metric registry
-    best = others.loc[getattr(others.groupby(key)["value"], pick)()].set_index(key)
-    out = fitted.join(ident, how="inner")
-    out["beats_identity"] = out["ci_low"] > out["identity"]
-    out["best_map"] = best["mapping"].reindex(out.index)
-    out["best_value"] = best["value"].reindex(out.index)
-    out["best_beats_identity"] = best["ci_low"].reindex(out.index) > out["identity"]
-    return out.reset_index()
-
-
-def claim_linear_close(table: pd.DataFrame, metric: str = "cos_mean", tolerance: float = 0.02) -> pd.DataFrame:
-    """Returns one row per (family, manipulation, layer): the linear map minus the better global map on
-    ``metric`` (paired per-sample gap rows ``<metric>_gap_<map>`` of the table) with its 95% paired bootstrap
-    interval, and ``close``: the interval's upper end is above ``-tolerance`` (the data cannot rule out a
-    degradation smaller than the tolerance; a linear map ahead of both is close too).
-
-    The better global map is the one with the smaller gap (the linear map's hardest comparison).
-    """
-    gaps = comparable(table[table["metric"].isin([f"{metric}_gap_{g}" for g in GLOBAL_MAPS])
-                            & (table["mapping"] == "linear")])
-    if gaps.empty:
-        return pd.DataFrame(columns=["family", "manipulation", "layer", "versus", "gap", "ci_low", "ci_high",
-                                     "close"])
-    key = ["family", "manipulation", "layer"]
-    hardest = gaps.loc[gaps.groupby(key)["value"].idxmin()].copy()
-    hardest["versus"] = hardest["metric"].str.removeprefix(f"{metric}_gap_")
-    out = hardest[key + ["versus", "value", "ci_low", "ci_high"]].rename(columns={"value": "gap"})
-    out["close"] = out["ci_high"] > -tolerance
-    return out.reset_index(drop=True)
-
-
-def family_verdicts(cases: pd.DataFrame, column: str, partly_from: float = 0.5) -> pd.DataFrame:
-    """Returns per family: cases, how many satisfy ``column`` (a boolean), the share, and the verdict."""
-    g = cases.groupby("family", sort=False)[column]
-    out = pd.DataFrame({"cases": g.size(), "agree": g.sum().astype(int)})
-    out["share"] = out["agree"] / out["cases"]
-    out["verdict"] = out["share"].map(lambda s: verdict(s, partly_from))
-    return out.reset_index()
-
-
-def claim_layer_trends(table: pd.DataFrame, metrics: tuple[str, ...] = ("bias_share", "wx_share", "erank_frac",
-                                                                          "delta_erank_frac"),
-                       strong: float = 0.8, weak: float = 0.4) -> pd.DataFrame:
-    """Returns per (backbone, metric) of the linear maps: the value at the shallowest and deepest layer (mean over
-    manipulations), the Spearman correlation of the per-layer mean with depth, and a verdict on "the metric
-    changes systematically with depth": holds when |rho| >= ``strong``, partly when >= ``weak``.
-
-    Backbones with random weights (``<name>:random``) are the control: a trend present only with trained
-    weights is a property of what the network learned, not of its architecture.
-    """
-    from featmap.report.trends import layer_trends
-
-    trends = layer_trends(table, list(metrics))
-    if trends.empty:
-        return trends
-    rho = trends["spearman_with_depth"].abs()
-    trends["verdict"] = [VERDICTS[0] if r >= strong else VERDICTS[1] if r >= weak else VERDICTS[2]
-                         for r in rho.fillna(0)]
-    return trends
+    claim: int | str
+    verdict: str
+    measured: str
+    cases: pd.DataFrame = field(default_factory=pd.DataFrame)
+    controls: pd.DataFrame = field(default_factory=pd.DataFrame)
+    counts: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def read_all(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Returns the chapters' tables stacked, with a ``chapter`` column (the layers chapter excluded: it is read
-    separately for claim 3, and its linear maps repeat the families' cases at more layers)."""
+    """Returns the family chapters' tables stacked with a ``chapter`` column (not the layers chapter: it repeats
+    the families' linear maps at more layers and is read for claim 3 on its own)."""
     frames = [t.assign(chapter=name) for name, t in results.items() if name != "layers" and not t.empty]
     if not frames:
         raise ValueError(f"no family results among {sorted(results)}: run the family chapters first")
     return pd.concat(frames, ignore_index=True)
 
 
-def _sentence_share(fam: pd.DataFrame, what: str) -> str:
-    return "; ".join(f"{r.family}: {r.agree} of {r.cases} {what} ({r.verdict})" for r in fam.itertuples())
+def _counts_text(counts: pd.DataFrame) -> str:
+    parts = []
+    for r in counts.to_dict("records"):
+        if r["cases"]:
+            parts.append(f"{r['family']}: {r[v.HOLDS]} of {r['cases']} hold, {r[v.FAILS]} do not, "
+                         f"{r[v.INCONCLUSIVE]} inconclusive ({r['verdict']})")
+    return "; ".join(parts)
 
 
-# Claim 3 names two properties; each is judged by its clearest metric (see ``overall``).
-TREND_GROUPS = {"weight vs bias": ("wx_share", "bias_share"), "effective rank": ("erank_frac", "delta_erank_frac")}
-NOT_MEASURED = "not measured"
+def _overall(counts: pd.DataFrame) -> str:
+    return counts.iloc[-1]["verdict"] if len(counts) and counts.iloc[-1]["cases"] else NOT_MEASURED
 
 
-def overall(family_tables: dict[int, pd.DataFrame], trends: pd.DataFrame | None) -> pd.DataFrame:
-    """Returns one row per claim: the paper's statement, the measured numbers in words and the verdict.
+def claim_learnable(families: pd.DataFrame, metric: str = "cos_mean", min_effect_share: float = 0.1,
+                    max_inconclusive_share: float = 0.0) -> Claim:
+    """Returns claim 1 on ``metric``: the shared linear map (pre-specified) against identity, paired per photo.
 
-    ``family_tables``: claim number -> ``family_verdicts`` output (claim 2 may stack several metrics, with a
-    ``metric`` column). A claim's overall verdict is its weakest family verdict. Claim 3 (trained weights only):
-    each property of ``TREND_GROUPS`` takes the strongest verdict among its metrics, and the claim the weaker of
-    the two. A claim with no rows is ``not measured``.
+    A case holds when the paired interval of linear minus identity lies above 0 and the gain reaches
+    ``min_effect_share`` of identity's headroom (1 - identity); it does not hold when the interval rules such a
+    gain out; else it is inconclusive (``verdicts.superiority``). A family (and the claim) holds when no case
+    fails and at most ``max_inconclusive_share`` are inconclusive. Partner-based edits are controls, reported
+    beside, never counted. The best map per case is chosen on validation photos (``val_<metric>`` rows).
     """
-    order = {v: i for i, v in enumerate(VERDICTS)}
-    weakest = lambda vs: max(vs, key=order.get) if len(vs) else NOT_MEASURED  # noqa: E731
-    out = []
-    fam = family_tables.get(1, pd.DataFrame())
-    out.append({"claim": 1, "paper": STATEMENTS[1],
-                "measured": "best fitted map's 95% interval above identity in " + _sentence_share(fam, "cases")
-                if len(fam) else "no family results",
-                "verdict": weakest(list(fam.get("verdict", [])))})
-    fam = family_tables.get(2, pd.DataFrame())
-    parts = [f"{metric}: " + _sentence_share(g, "cases close") for metric, g in fam.groupby("metric", sort=False)] \
-        if len(fam) else ["no case where the shared linear map and a global map ran on the same photos"]
-    out.append({"claim": 2, "paper": STATEMENTS[2], "measured": " | ".join(parts),
-                "verdict": weakest(list(fam.get("verdict", [])))})
-    trained = pd.DataFrame() if trends is None or trends.empty else \
-        trends[~trends["backbone"].str.endswith(":random")]
-    groups = []
-    for name, metrics in TREND_GROUPS.items():
-        got = trained[trained["metric"].isin(metrics)] if len(trained) else trained
-        if len(got):
-            best = got.loc[got["verdict"].map(order).idxmin()]
-            groups.append((name, best))
-    parts = [f"{name}: {t.metric} {t.first:.3f} ({t.first_layer}) to {t.last:.3f} ({t.last_layer}), "
-             f"rho {t.spearman_with_depth:+.2f} ({t.verdict})" for name, t in groups]
-    out.append({"claim": 3, "paper": STATEMENTS[3], "measured": "; ".join(parts) if parts else "no layers table",
-                "verdict": weakest([t.verdict for _, t in groups])})
-    return pd.DataFrame(out, columns=["claim", "paper", "measured", "verdict"])
+    split = v.claim_learnable(families, metric, "linear", min_effect_share)
+    counts = v.count_outcomes(split.cases, rule="all", max_inconclusive_share=max_inconclusive_share)
+    text = (f"shared linear map vs identity on {metric} (paired, minimum effect {min_effect_share:.0%} of the "
+            f"headroom): " + _counts_text(counts)) if len(split.cases) else f"no {metric}_gap_identity rows"
+    return Claim(1, _overall(counts), text, split.cases, split.controls, counts)
 
 
-def closeness(table: pd.DataFrame, tolerances: dict[str, float],
-              partly_from: float = 0.5) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Returns (every case of claim 2 for each metric of ``tolerances``, the per-family verdicts per metric);
-    metrics without gap rows in ``table`` are simply absent from both."""
-    cases = [claim_linear_close(table, m, t).assign(metric=m) for m, t in tolerances.items()]
-    cases = [c for c in cases if not c.empty]
-    if not cases:
-        empty = pd.DataFrame(columns=["family", "cases", "agree", "share", "verdict", "metric"])
-        return pd.DataFrame(columns=["family", "manipulation", "layer", "versus", "gap", "ci_low", "ci_high",
-                                     "close", "metric"]), empty
-    gaps = pd.concat(cases, ignore_index=True)
-    verdicts = pd.concat([family_verdicts(g, "close", partly_from).assign(metric=m)
-                          for m, g in gaps.groupby("metric", sort=False)], ignore_index=True)
-    return gaps, verdicts
+def claim_linear_close(families: pd.DataFrame, tolerances: dict[str, float]) -> Claim:
+    """Returns claim 2: per metric of ``tolerances``, the shared linear map against the harder of the two global
+    maps, paired per photo: close (holds) when the interval of linear minus global lies above -tolerance, not
+    close when below, else inconclusive (``verdicts.non_inferiority``). The claim says "typically": a family
+    holds when more than half of its cases hold (``count_outcomes(rule="most")``). The claim's verdict is the
+    weakest over the metrics measured."""
+    cases, controls, counts, parts = [], [], [], []
+    for metric, tolerance in tolerances.items():
+        split = v.claim_linear_close(families, metric, tolerance)
+        if split.cases.empty:
+            continue
+        c = v.count_outcomes(split.cases, rule="most").assign(metric=metric)
+        cases.append(split.cases)
+        controls.append(split.controls)
+        counts.append(c)
+        parts.append(f"{metric} (tolerance {tolerance:g}): " + _counts_text(c))
+    if not counts:
+        return Claim(2, NOT_MEASURED, "no case where the shared linear map and a global map ran on the same photos")
+    counts = pd.concat(counts, ignore_index=True)
+    overall = counts[counts["family"] == "overall"]["verdict"]
+    order = {v.FAILS: 0, v.INCONCLUSIVE: 1, v.HOLDS: 2}
+    return Claim(2, min(overall, key=order.get), " | ".join(parts), pd.concat(cases, ignore_index=True),
+                 pd.concat(controls, ignore_index=True), counts)
+
+
+def claim_geometry(layers: pd.DataFrame | None) -> Claim:
+    """Returns claim 3 (descriptive): the linear maps' geometry per family and layer from the layers table, with
+    the noise floor of delta erank, the fixed-alpha fits, the random-weights control and alphas at the grid's
+    edge counted. No verdict: the paper characterises, it states no trend."""
+    if layers is None or layers.empty:
+        return Claim(3, NOT_MEASURED, "no layers table: run the layers chapter")
+    geo = v.geometry_table(layers)
+    summary = v.geometry_by_family(geo)
+    auto = summary[(summary["alpha_setting"] == "auto") & ~summary["backbone"].str.endswith(v.RANDOM_SUFFIX)]
+    below = low_rank_share(geo)
+    edges = int(auto[auto["metric"] == "delta_bias_share"]["edge_alpha_cases"].sum()) if len(auto) else 0
+    text = (f"{len(set(geo['layer']))} layers x {len(set(geo['manipulation']))} edits; delta erank below its "
+            f"noise floor in {below[0]} of {below[1]} cases; {edges} fits chose alpha at the grid's edge")
+    return Claim(3, DESCRIBED, text, summary, counts=pd.DataFrame())
+
+
+def low_rank_share(geo: pd.DataFrame) -> tuple[int, int]:
+    """Returns (cases whose delta erank / C lies below the noise floor's lowest shuffle, cases with both rows):
+    "low rank" counted only where it is lower than noise."""
+    if geo.empty:
+        return 0, 0
+    auto = geo[(geo["alpha_setting"] == "auto")]
+    key = ["backbone", "family", "manipulation", "layer", "spatial"]
+    wide = auto.pivot_table(index=key, columns="metric", values="value", aggfunc="first")
+    low = auto[auto["metric"] == "delta_erank_floor_frac"].set_index(key)["ci_low"]
+    if "delta_erank_frac" not in wide or low.empty:
+        return 0, 0
+    both = wide["delta_erank_frac"].dropna().index.intersection(low.dropna().index)
+    return int((wide.loc[both, "delta_erank_frac"] < low.loc[both]).sum()), len(both)
+
+
+def claim_depth(families: pd.DataFrame, layer_order: list[str] | None = None, misaligned=()) -> Claim:
+    """Returns claim 3b, "linear sufficiency grows with depth": per case with global maps at three or more
+    layers, whether the linear-minus-best-global gap rises from the shallowest to the deepest layer
+    (``verdicts.depth_gap_trend``: a conservative three-outcome rule); ``misaligned`` stages are left out."""
+    trend = v.depth_gap_trend(families, layer_order=layer_order, misaligned=misaligned)
+    if trend.trend.empty:
+        return Claim("3b", NOT_MEASURED, "no case with global maps at three or more layers")
+    counts = v.count_outcomes(trend.trend, rule="most")
+    return Claim("3b", _overall(counts), _counts_text(counts), trend.per_layer, pd.DataFrame(), counts)
+
+
+def overall(claims: list[Claim]) -> pd.DataFrame:
+    """Returns one row per claim: the verdict, the measured numbers in words and the paper's statement."""
+    return pd.DataFrame([{"claim": c.claim, "verdict": c.verdict, "measured": c.measured,
+                          "paper": STATEMENTS[c.claim]} for c in claims],
+                        columns=["claim", "verdict", "measured", "paper"])

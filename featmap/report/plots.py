@@ -192,3 +192,30 @@ def plot_reconstructions(reconstructions: dict, n_photos: int = 1, scale: float 
                         ha="right", va="center", fontsize=6)
     fig.tight_layout()
     return fig
+
+
+# One colour per outcome, the same everywhere in the book (from seaborn's colour-blind-safe "colorblind" palette).
+OUTCOME_COLOURS = {"holds": "#029e73", "does not hold": "#d55e00", "inconclusive": "#bbbbbb"}
+
+
+def plot_outcomes(counts: dict[str, pd.DataFrame], height: float = 0.42):
+    """Returns a figure: per claim and family, how many cases hold, do not hold or are inconclusive (stacked
+    bars); ``counts``: {claim label: ``verdicts.count_outcomes`` frame} (its ``overall`` row is left out)."""
+    rows = [(label, r["family"], r) for label, c in counts.items() for r in c.to_dict("records")
+            if r["family"] != "overall" and r["cases"]]
+    if not rows:
+        raise ValueError("no cases to plot: no claim was measured")
+    fig, ax = plt.subplots(figsize=(8, 0.9 + height * len(rows)))
+    labels = [f"{label} · {family}" for label, family, _ in rows]
+    left = np.zeros(len(rows))
+    for outcome, colour in OUTCOME_COLOURS.items():
+        values = np.array([r[outcome] for _, _, r in rows], dtype=float)
+        ax.barh(range(len(rows)), values, left=left, color=colour, label=outcome, edgecolor="white")
+        left += values
+    ax.set_yticks(range(len(rows)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("cases (manipulation x layer)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig

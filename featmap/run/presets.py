@@ -58,13 +58,12 @@ PRESETS = {
                             "budget (None: all)",
               "train_views": "views per training photo (1: the centre crop only)"}),
     "summary": Preset([], extra={
-        "tolerance_cos": (0.02, "claim 2: the linear map is close when its paired interval reaches above -tolerance "
-                                "(cos_mean)"),
+        "tolerance_cos": (0.02, "claim 2: close when the paired interval of linear - best global lies above minus "
+                                "this (cos_mean)"),
         "tolerance_top1": (0.05, "claim 2: the same for top-1 agreement with the true manipulated map"),
         "tolerance_ssim": (0.02, "claim 2: the same for SSIM of the reconstructions (image space)"),
-        "partly_from": (0.5, "a claim holds partly for a family when at least this share of its cases agree"),
-        "trend_strong": (0.8, "claim 3: |Spearman correlation with depth| for holds"),
-        "trend_weak": (0.4, "claim 3: ... and for holds partly")}),
+        "min_effect_share": (0.1, "claim 1: the minimum gain over identity, as a share of identity's headroom "
+                                  "(1 - identity)")}),
 }
 
 

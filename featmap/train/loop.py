@@ -1,24 +1,33 @@
-"""One training loop for every learned map: the reference loss, AdamW, plateau and early stopping,
-per-channel normalisation, seeded, resumable, CUDA when available with the same code path."""
+"""The one training loop of every trained network, the learned maps' and the inverter's: seeded, resumable,
+the same code on the CPU or CUDA, in one process or data parallel (a strategy passed in: ``featmap.train.strategy``).
+
+``fit`` trains a network on ``Pairs`` by a ``Recipe``: the loss, the optimizer's settings, the schedule (plateau on
+the validation loss, or cosine over a fixed budget), when to stop and which weights to keep (``Stopping``), and the
+per-epoch random streams. ``train_map`` is the learned maps' recipe (the reference protocol) on normalised features.
+"""
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from featmap.core.io import atomic_write
+from featmap.core.io import read_cached, write_cached
 from featmap.core.seeding import derive_seed
 from featmap.train.normalizer import NormalizedMap, Normalizer
+from featmap.train.strategy import SingleProcess, Strategy, strategy_for
 
 if TYPE_CHECKING:
     from featmap.core.distributed import Context
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (prediction, target) -> mean over the samples
 
 
 @dataclass(frozen=True)
@@ -52,14 +61,243 @@ def reference_loss(pred: torch.Tensor, true: torch.Tensor, mse_weight: float = 0
     return mse_weight * mse + cos_weight * (1 - cos.median(dim=1).values.mean())
 
 
-def _evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, device) -> float:
+@dataclass(frozen=True)
+class AdamW:
+    """The optimizer: AdamW with this learning rate and (decoupled) weight decay."""
+
+    lr: float
+    weight_decay: float
+
+    def build(self, params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """The learning rate times ``factor`` after ``patience`` epochs without a lower validation loss, down to
+    ``min_lr``; steered by the validation loss."""
+
+    patience: int
+    factor: float
+    min_lr: float
+    needs_validation = True
+
+    def build(self, opt: torch.optim.Optimizer):
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=self.patience,
+                                                          factor=self.factor, min_lr=self.min_lr)
+
+    def step(self, scheduler, val_loss: float | None) -> None:
+        scheduler.step(val_loss)
+
+
+@dataclass(frozen=True)
+class Cosine:
+    """The learning rate cosine-annealed to zero over a fixed budget of ``epochs``; blind to validation."""
+
+    epochs: int
+    needs_validation = False
+
+    def build(self, opt: torch.optim.Optimizer):
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
+
+    def step(self, scheduler, val_loss: float | None) -> None:
+        scheduler.step()
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """How long to train and which weights to return."""
+
+    max_epochs: int
+    patience: int | None = None  # stop after this many epochs in a row without improving; None: run max_epochs
+    min_delta: float = 0.0       # an improvement lowers the best validation loss by more than this
+    keep_best: bool = False      # return the weights of the best validation epoch instead of the last ones
+
+    @property
+    def needs_validation(self) -> bool:
+        return self.patience is not None or self.keep_best
+
+    def running(self, state: dict) -> bool:
+        """Returns whether another epoch runs after those recorded in ``state``."""
+        return state["epoch"] < self.max_epochs and (self.patience is None or state["bad_epochs"] < self.patience)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the loop does with the data: every setting besides the data, the device and the strategy."""
+
+    loss: Loss
+    optimizer: AdamW
+    schedule: Plateau | Cosine
+    stopping: Stopping
+    batch_size: int
+    seed: int
+    shuffle_stream: str = "shuffle"         # the epoch's shuffle is seeded from (seed, shuffle_stream, epoch)
+    dropout_stream: str | None = "dropout"  # torch's global seed per epoch, for dropout; None: left alone
+    min_batch: int = 1                      # smaller batches are skipped (batch norm needs two samples)
+    metrics: Mapping[str, Callable] = field(default_factory=dict)  # per-sample validation scores, recorded
+
+
+def _unchanged(y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+@dataclass(frozen=True, eq=False)
+class Pairs:
+    """Inputs ``x`` and targets ``y`` (both (N, ...)); ``target`` turns a batch of ``y`` on the device into what
+    the loss compares the network's output with (uint8 images to [0, 1] floats, say)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    target: Callable[[torch.Tensor], torch.Tensor] = _unchanged
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, idx, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (inputs, targets) of the samples ``idx`` (indices or a slice) on ``device``."""
+        return self.x[idx].to(device), self.target(self.y[idx].to(device))
+
+
+@dataclass
+class Fitted:
+    """A trained network and its run: ``history`` holds one record per epoch (``train_loss``, and ``val_loss``
+    and ``val_<metric>`` when there is validation data); ``resumed_from`` is the epoch a checkpoint gave."""
+
+    net: nn.Module
+    epochs: int
+    history: list[dict]
+    best_val_loss: float
+    best_epoch: int
+    seconds: float
+    resumed_from: int
+
+
+def _evaluate(net: nn.Module, data: Pairs, loss: Loss, metrics: Mapping[str, Callable], batch_size: int,
+              device: torch.device) -> dict[str, float]:
+    """Returns {"loss": mean loss, metric: mean per-sample score} of ``net`` in eval mode over ``data``."""
     net.eval()
-    total = 0.0
+    total, sums = 0.0, dict.fromkeys(metrics, 0.0)
     with torch.no_grad():
-        for i in range(0, len(x), cfg.batch_size):
-            xb, yb = x[i:i + cfg.batch_size].to(device), y[i:i + cfg.batch_size].to(device)
-            total += float(reference_loss(net(xb), yb, cfg.mse_weight, cfg.cos_weight)) * len(xb)
-    return total / len(x)
+        for i in range(0, len(data), batch_size):
+            x, target = data.batch(slice(i, i + batch_size), device)
+            pred = net(x)
+            total += loss(pred, target).item() * len(pred)
+            for name, metric in metrics.items():
+                sums[name] += metric(pred, target).sum().item()
+    return {"loss": total / len(data), **{name: s / len(data) for name, s in sums.items()}}
+
+
+def _fresh_state() -> dict:
+    return {"epoch": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0, "seconds": 0.0, "history": []}
+
+
+def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+
+
+def _save(f, value) -> None:
+    torch.save(value, f)
+
+
+def _read_checkpoint(path: Path) -> dict:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if set(saved) != {"net", "opt", "sched", "best", "state"} or set(saved["state"]) != set(_fresh_state()):
+        raise ValueError(f"{path} is not a checkpoint of this training loop")
+    return saved
+
+
+def fit(net: nn.Module, recipe: Recipe, train: Pairs, val: Pairs | None = None, device: torch.device | str = "cpu",
+        strategy: Strategy = SingleProcess(), checkpoint: Path | None = None, progress: bool = True,
+        desc: str = "training") -> Fitted:
+    """Returns ``net`` trained on ``train`` by ``recipe`` (its last or best-validation weights), and its run.
+
+    Each epoch: the training pairs in an order drawn from (seed, epoch), batches of ``recipe.batch_size`` (a
+    remainder under ``min_batch`` skipped), one optimizer step each; then the validation scores, a schedule step,
+    the stopping rule. ``checkpoint``: a file written atomically after every epoch; an interrupted run resumes
+    from it and ends as an uninterrupted one would (an unreadable file is deleted and the run starts over).
+    ``strategy``: where processes differ (``featmap.train.strategy``); the loop itself is the same.
+    """
+    device = torch.device(device)
+    if len(train) == 0 or (val is not None and len(val) == 0):
+        raise ValueError(f"training needs training and validation pairs, got {len(train)} and "
+                         f"{len(val) if val is not None else 'no validation'}")
+    if val is None and (recipe.schedule.needs_validation or recipe.stopping.needs_validation):
+        raise ValueError(f"{recipe.schedule} or {recipe.stopping} needs a validation loss; pass validation pairs")
+    strategy.check(len(train))
+    net = strategy.prepare(net.to(device), device)
+    opt = recipe.optimizer.build(net.parameters())
+    scheduler = recipe.schedule.build(opt)
+    state = _fresh_state()
+    best = _snapshot(net) if recipe.stopping.keep_best else None
+    saved = strategy.from_main(lambda: read_cached(checkpoint, _read_checkpoint) if checkpoint is not None else None)
+    if saved is not None:
+        net.load_state_dict(saved["net"])
+        opt.load_state_dict(saved["opt"])
+        scheduler.load_state_dict(saved["sched"])
+        best, state = saved["best"], saved["state"]
+    resumed_from = state["epoch"]
+    model = strategy.wrap(net, device)
+    smallest = max(recipe.min_batch, strategy.world_size)
+    bar = tqdm(total=recipe.stopping.max_epochs, initial=state["epoch"], desc=desc, unit="epoch", file=sys.stderr,
+               disable=not progress, leave=False)
+    while recipe.stopping.running(state):
+        start = time.perf_counter()
+        net.train()
+        # Every draw is seeded from (seed, epoch): a resumed run draws what it would have drawn.
+        if recipe.dropout_stream is not None:
+            torch.manual_seed(derive_seed(recipe.seed, recipe.dropout_stream, state["epoch"], *strategy.dropout_key()))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(
+            derive_seed(recipe.seed, recipe.shuffle_stream, state["epoch"])))
+        total, seen = 0.0, 0
+        for i in range(0, len(order), recipe.batch_size):
+            idx = order[i:i + recipe.batch_size]
+            if len(idx) < smallest and len(order) > 1:
+                continue  # a single-sample batch breaks batch norm (and every process needs a sample)
+            mine = strategy.share(idx)
+            x, target = train.batch(mine, device)
+            loss = recipe.loss(model(x), target)
+            opt.zero_grad(set_to_none=True)
+            strategy.weight(loss, mine, idx).backward()
+            opt.step()
+            total, seen = total + loss.item() * len(mine), seen + len(mine)
+        strategy.end_epoch(net)
+        record = {"train_loss": total / seen if seen else float("nan")}
+        val_loss = None
+        if val is not None:
+            scores = strategy.agree(_evaluate(net, val, recipe.loss, recipe.metrics, recipe.batch_size, device))
+            record.update({f"val_{name}": value for name, value in scores.items()})
+            val_loss = scores["loss"]
+        recipe.schedule.step(scheduler, val_loss)
+        if val_loss is not None and val_loss < state["best_val"] - recipe.stopping.min_delta:
+            state.update(best_val=val_loss, best_epoch=state["epoch"], bad_epochs=0)
+            best = _snapshot(net) if recipe.stopping.keep_best else None
+        elif val_loss is not None:
+            state["bad_epochs"] += 1
+        state["history"].append(record)
+        state["epoch"] += 1
+        state["seconds"] += time.perf_counter() - start
+        if checkpoint is not None and strategy.writes:
+            blob = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": scheduler.state_dict(), "best": best,
+                    "state": state}
+            write_cached(checkpoint, _save, blob)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("train_loss", "val_loss")})
+        bar.update(1)
+    bar.close()
+    if best is not None:
+        net.load_state_dict(best)
+    return Fitted(net, state["epoch"], state["history"], state["best_val"], state["best_epoch"], state["seconds"],
+                  resumed_from)
+
+
+def map_recipe(cfg: TrainConfig) -> Recipe:
+    """Returns the learned maps' recipe: the reference loss, AdamW, plateau on the validation loss, early stopping,
+    the best validation epoch's weights, dropout seeded per epoch, single-sample batches skipped."""
+    return Recipe(loss=partial(reference_loss, mse_weight=cfg.mse_weight, cos_weight=cfg.cos_weight),
+                  optimizer=AdamW(cfg.lr, cfg.weight_decay),
+                  schedule=Plateau(cfg.plateau_patience, cfg.plateau_factor, cfg.min_lr),
+                  stopping=Stopping(cfg.max_epochs, cfg.early_stop_patience, cfg.early_stop_min_delta, keep_best=True),
+                  batch_size=cfg.batch_size, seed=cfg.seed, min_batch=2)
 
 
 def train_map(net: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
@@ -67,90 +305,18 @@ def train_map(net: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tup
               desc: str = "training", context: Context | None = None) -> tuple[NormalizedMap, dict]:
     """Returns the trained map (best validation epoch, on the CPU) and its history.
 
-    ``checkpoint``: a file written atomically after every epoch; an interrupted run resumes from it.
-    ``context``: a distributed context (``featmap.distributed``); with more than one rank every rank holds all
-    pairs and the same seeded batches, takes its share of each batch and trains under DistributedDataParallel,
-    with its loss weighted by its share so the averaged gradient is the whole batch's. Rank 0 writes the
-    checkpoint and its validation loss drives the schedule on every rank.
+    Trained by ``fit`` with ``map_recipe(cfg)`` on features normalised per channel by the training inputs'
+    statistics. ``checkpoint``: a file written atomically after every epoch; an interrupted run resumes from it.
+    ``context``: a distributed context (``featmap.core.distributed``); with more than one rank, the loop runs
+    under ``DataParallel`` (every rank holds all pairs and trains on its share of each batch; rank 0 writes the
+    checkpoint and its validation loss drives the schedule on every rank).
     """
-    ddp = context is not None and context.distributed
-    x_train, y_train = train
-    x_val, y_val = val
+    (x_train, y_train), (x_val, y_val) = train, val
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError(f"training needs training and validation pairs, got {len(x_train)} and {len(x_val)}")
-    if ddp and len(x_train) < context.world_size:
-        raise ValueError(f"{len(x_train)} training pairs cannot be shared by {context.world_size} processes")
     normalizer = Normalizer.fit(x_train)
-    zx, zy = normalizer(x_train), normalizer(y_train)
-    vx, vy = normalizer(x_val), normalizer(y_val)
-    net = net.to(device)
-    if ddp:
-        net = context.sync_batchnorm(net, device)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=cfg.plateau_patience,
-                                                         factor=cfg.plateau_factor, min_lr=cfg.min_lr)
-    state = {"epoch": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0, "seconds": 0.0,
-             "history": []}
-    best_weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    saved = None
-    if checkpoint is not None and checkpoint.is_file():
-        try:
-            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception:  # torn, foreign or carrying code: never trusted; this run trains from scratch
-            checkpoint.unlink(missing_ok=True)
-    if ddp:  # every rank resumes from rank 0's checkpoint, or none does (no shared filesystem needed)
-        saved = context.broadcast(saved if context.is_main else None)
-    if saved is not None:
-        net.load_state_dict(saved["net"])
-        opt.load_state_dict(saved["opt"])
-        plateau.load_state_dict(saved["plateau"])
-        best_weights = saved["best_weights"]
-        state = saved["state"]
-    model = context.wrap(net, device) if ddp else net
-    world = context.world_size if ddp else 1
-    bar = tqdm(total=cfg.max_epochs, initial=state["epoch"], desc=desc, unit="epoch", file=sys.stderr,
-               disable=not progress, leave=False)
-    while state["epoch"] < cfg.max_epochs and state["bad_epochs"] < cfg.early_stop_patience:
-        start = time.perf_counter()
-        net.train()
-        # One generator per epoch, seeded from (seed, epoch): a resumed run draws what it would have drawn.
-        # Dropout masks also depend on the rank: equal seeds would give every rank's i-th sample the same mask.
-        torch.manual_seed(derive_seed(cfg.seed, "dropout", state["epoch"], *([context.rank] if ddp else [])))
-        order = torch.randperm(len(zx), generator=torch.Generator().manual_seed(
-            derive_seed(cfg.seed, "shuffle", state["epoch"])))
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            if len(idx) < max(2, world) and len(order) > 1:
-                continue  # a single-sample batch breaks batch norm (and a rank needs one); skip the remainder
-            mine = context.shard(idx) if ddp else idx
-            loss = reference_loss(model(zx[mine].to(device)), zy[mine].to(device), cfg.mse_weight, cfg.cos_weight)
-            if ddp:  # the loss is a mean over samples; DDP averages over ranks: weight by this rank's share
-                loss = loss * (len(mine) * world / len(idx))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if ddp:
-            context.sync_buffers(net)
-        val_loss = _evaluate(net, vx, vy, cfg, device)
-        if ddp:
-            val_loss = context.broadcast(val_loss)
-        plateau.step(val_loss)
-        if val_loss < state["best_val"] - cfg.early_stop_min_delta:
-            state.update(best_val=val_loss, best_epoch=state["epoch"], bad_epochs=0)
-            best_weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        else:
-            state["bad_epochs"] += 1
-        state["history"].append(val_loss)
-        state["epoch"] += 1
-        state["seconds"] += time.perf_counter() - start
-        if checkpoint is not None and (not ddp or context.is_main):
-            blob = {"net": net.state_dict(), "opt": opt.state_dict(), "plateau": plateau.state_dict(),
-                    "best_weights": best_weights, "state": state}
-            atomic_write(checkpoint, lambda f: torch.save(blob, f))
-        bar.set_postfix(val_loss=f"{val_loss:.4f}", best=f"{state['best_val']:.4f}")
-        bar.update(1)
-    bar.close()
-    net.load_state_dict(best_weights)
-    trained = NormalizedMap(net.cpu().eval(), normalizer)
-    return trained, {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_val_loss": state["best_val"],
-                     "seconds": state["seconds"], "history": state["history"], "config": asdict(cfg)}
+    run = fit(net, map_recipe(cfg), Pairs(normalizer(x_train), normalizer(y_train)),
+              Pairs(normalizer(x_val), normalizer(y_val)), device, strategy_for(context), checkpoint, progress, desc)
+    trained = NormalizedMap(run.net.cpu().eval(), normalizer)
+    return trained, {"epochs": run.epochs, "best_epoch": run.best_epoch, "best_val_loss": run.best_val_loss,
+                     "seconds": run.seconds, "history": [r["val_loss"] for r in run.history], "config": asdict(cfg)}

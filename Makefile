@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-NOTEBOOKS := data geometric masking semantic layers summary
+NOTEBOOKS := data geometric masking semantic layers backbones summary
 STAGE := _build/stage
 
 .PHONY: install book test lint bench browser clean-book

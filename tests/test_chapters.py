@@ -33,7 +33,7 @@ def test_run_writes_the_contract_and_reruns_from_cache(photo_dir):
     assert ((cos.ci_low <= cos.value + 1e-9) & (cos.value <= cos.ci_high + 1e-9)).all()
     assert cos.value.between(-1, 1).all()
     positions = table[(table.metric == "n_train_positions")].value.unique()
-    assert list(positions) == [(len(result.split.train) + len(result.split.val)) * 2 * 49]
+    assert list(positions) == [len(result.split.train) * 2 * 49]  # every map is fit on the training photos
     geometry = table[table.metric.isin(["wx_share", "bias_share", "erank_frac", "delta_erank_frac"])]
     assert set(geometry.mapping) == {"linear"} and len(geometry) == 4 * 3  # grayscale, rotation none + applied
     assert geometry.value.between(0, 10).all()

@@ -133,7 +133,7 @@ def test_object_paste_changes_only_the_pasted_region(photos):
     assert edit.partner_of(view.key, 3).photo.id != view.photo.id
 
 
-NEW_EDITS = ["object_blur", "object_grey", "object_recolor_red", "object_recolor_green"]
+NEW_EDITS = ["object_blur", "object_gray", "object_recolor_red", "object_recolor_green"]
 
 
 @pytest.mark.parametrize("name", ["object_recolor", "object_remove", "background_swap", "object_paste", *NEW_EDITS])
@@ -164,7 +164,7 @@ def test_photo_only_object_edits_change_only_the_planted_object(monkeypatch, nam
     assert diff.sum() > 0.9 * disc.sum()  # and nearly all of the object does
     assert edit.name == name and not is_control(name)
     inside = out[disc].astype(int)
-    if name == "object_grey":
+    if name == "object_gray":
         assert (inside.max(axis=1) - inside.min(axis=1)).max() == 0
     elif name == "object_blur":
         assert inside.std(axis=0).mean() < 0.5 * img[disc].astype(int).std(axis=0).mean()  # the texture is smoothed
@@ -195,7 +195,7 @@ def test_only_partner_edits_are_controls(photos):
     assert not any(is_control(name) for name in ("rotation_90", "grayscale", "no_such_edit", "object_paste_x"))
     parts = {"train": photos[:3], "test": photos[3:]}
     assert SplitEdit(lambda: get_editor("object_paste"), parts, image_of, 0).control
-    assert not SplitEdit(lambda: get_editor("object_grey"), parts, image_of, 0).control
+    assert not SplitEdit(lambda: get_editor("object_gray"), parts, image_of, 0).control
 
 
 def test_partners_vary_with_the_seed_never_the_same_photo(photos):
@@ -243,7 +243,7 @@ def test_registry_names_and_parameters_are_checked():
     with pytest.raises(UnknownNameError, match="object_recolor"):
         get_editor("object_recolour_typo")
     assert {"object_recolor", "object_remove", "background_swap", "object_paste", "instruct_pix2pix",
-            "qwen_image_edit", "inpaint", "object_blur", "object_grey", "object_recolor_red",
+            "qwen_image_edit", "inpaint", "object_blur", "object_gray", "object_recolor_red",
             "object_recolor_magenta"} <= set(EDITORS.names())
     with pytest.raises(TypeError, match="colour"):
         get_editor("object_recolor", color="blue")

@@ -263,7 +263,7 @@ WRONG_PARAMETER_CASES = [
      r"manipulation name must be a string, got int 90"),
     ("manipulation of a float image", lambda: get_manipulation("grayscale")(np.zeros((4, 4, 3))), TypeError,
      r"uint8 RGB array, got"),
-    ("unknown metric", lambda: METRICS.get("cosine"), UnknownNameError, r"unknown metric 'cosine'; known: cos_mean"),
+    ("unknown metric", lambda: METRICS.get("cosine"), UnknownNameError, r"unknown metric 'cosine'; known: cos_changed_mean"),
     ("mapping with a ridge word", lambda: get_mapping("linear", MapOptions(ridge="strong")), ValueError,
      r"ridge must be 'auto' or a non-negative number, got 'strong'"),
     ("mapping with an unknown size", lambda: MapOptions(size="xl"), ValueError, r"unknown map size 'xl'"),

@@ -223,7 +223,7 @@ def photo_hashes(photo: Photo) -> np.ndarray:
             key = content_key({"phash": _HASH_VERSION, "sha256": photo.sha256, "bytes": stat.st_size})
 
             def load(path: Path) -> np.ndarray:
-                arr = np.load(path)
+                arr = np.load(path, allow_pickle=False)
                 if arr.dtype != np.uint64 or arr.shape != (2 + 9 * len(_CROP_SCALES), 4):
                     raise ValueError(f"stale hash entry {path}")
                 return arr

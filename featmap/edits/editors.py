@@ -40,7 +40,7 @@ def blur_inside(image: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray
     return np.where(mask[..., None], blurred, image)
 
 
-def grey_inside(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def gray_inside(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Returns ``image`` with the pixels inside ``mask`` set to their ITU-R 601-2 luma (as ``grayscale``)."""
     from PIL import Image
 
@@ -105,17 +105,17 @@ class ObjectBlur(SemanticEdit):
         return blur_inside(image, self.mask(image).mask, self.params["sigma"])
 
 
-class ObjectGrey(SemanticEdit):
+class ObjectGray(SemanticEdit):
     """Turns the object grey (its luma) and keeps the rest in colour ("make the car grey")."""
 
     needs_mask = True
     control = False
 
     def __init__(self, margin: float = 1 / 8, iterations: int = 5, cache_root: str | Path | None = None):
-        super().__init__("object_grey", {}, margin=margin, iterations=iterations, cache_root=cache_root)
+        super().__init__("object_gray", {}, margin=margin, iterations=iterations, cache_root=cache_root)
 
     def edit(self, image, seed, item):
-        return grey_inside(image, self.mask(image).mask)
+        return gray_inside(image, self.mask(image).mask)
 
 
 class BackgroundSwap(SemanticEdit):
@@ -190,7 +190,7 @@ for _colour in COLOURS:  # one case per fixed colour: object_recolor_red, object
     EDITORS.add(f"object_recolor_{_colour}", lambda c=_colour: _recolour_preset(c))
 EDITORS.add("object_remove", lambda: ObjectRemove)
 EDITORS.add("object_blur", lambda: ObjectBlur)
-EDITORS.add("object_grey", lambda: ObjectGrey)
+EDITORS.add("object_gray", lambda: ObjectGray)
 EDITORS.add("background_swap", lambda: BackgroundSwap)
 EDITORS.add("object_paste", lambda: ObjectPaste)
 for _kind in ("instruct_pix2pix", "qwen_image_edit", "inpaint"):

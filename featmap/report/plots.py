@@ -219,3 +219,36 @@ def plot_outcomes(counts: dict[str, pd.DataFrame], height: float = 0.42):
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return fig
+
+
+# One colour per map, the same in every figure of the book (seaborn's colour-blind-safe palette).
+MAP_COLOURS = dict(zip(["identity", "additive", "linear", "procrustes", "local_linear", "linear_sgd", "mlp", "cnn",
+                        "transformer", "transformer_pe"], sns.color_palette("colorblind", 10).as_hex()))
+
+
+def plot_by_depth(table: pd.DataFrame, metric: str = "cos_mean", mappings: tuple[str, ...] = ("identity", "linear",
+                                                                                                 "transformer"),
+                  height: float = 3.0):
+    """Returns a figure, one panel per backbone: mean test ``metric`` of ``mappings`` over the manipulations, by
+    relative depth (the ``depth`` column: early, middle, late), in each edit's comparable spatial mode."""
+    data = comparable_rows(table[(table["metric"] == metric) & table["mapping"].isin(mappings)])
+    if data.empty:
+        raise ValueError(f"no {metric} rows of {', '.join(mappings)} to plot")
+    backbones = list(dict.fromkeys(data["backbone"]))
+    fig, axes = plt.subplots(1, len(backbones), figsize=(3.6 * len(backbones) + 1.6, height), sharey=True,
+                             squeeze=False)
+    order = list(dict.fromkeys(data["depth"]))
+    for ax, backbone in zip(axes[0], backbones):
+        d = data[data["backbone"] == backbone]
+        for name in mappings:
+            m = d[d["mapping"] == name].groupby("depth")["value"].mean().reindex(order)
+            ax.plot(order, m.to_numpy(), marker="o", color=MAP_COLOURS.get(name), label=name)
+        layers = d.drop_duplicates("depth").set_index("depth")["layer"].reindex(order)
+        ax.set_xticks(range(len(order)), [f"{o}\n{layer}" for o, layer in layers.items()])
+        ax.set_title(backbone, fontsize=10)
+        ax.set_xlabel("relative depth (layer)")
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0][0].set_ylabel(f"test {metric} (mean over edits)")
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    fig.tight_layout()
+    return fig

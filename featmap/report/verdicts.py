@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from featmap.core.table import comparable_rows
+from featmap.edits.editors import EDITORS, is_control
 from featmap.maps.base import GLOBAL_MAPS
 from featmap.maps.stats import RIDGE_GRID
 from featmap.score.metrics import higher_is_better as _higher_is_better
@@ -31,8 +32,9 @@ INCONCLUSIVE = "inconclusive"
 OUTCOMES = (HOLDS, FAILS, INCONCLUSIVE)
 
 KEY = ["family", "manipulation", "backbone", "layer", "spatial"]
-# Edits whose target depends on a random partner photo: not a function of the original, so negative controls.
-CONTROLS = ("background_swap", "object_paste")
+# Edits whose target depends on a random partner photo: not a function of the original, so negative controls
+# (the editors marked ``control``).
+CONTROLS = tuple(name for name in EDITORS.names() if is_control(name))
 NOT_FITTED = ("identity", "target")  # rows that are no fitted map (identity is the floor, target the ceiling)
 RANDOM_SUFFIX = ":random"
 
@@ -230,9 +232,9 @@ def _best_on_validation(data: pd.DataFrame, table: pd.DataFrame, validation: pd.
         best.loc[top.index, "best_val_score"] = top["value"]
         best.loc[top.index, "best_note"] = ""
         test = data[data["metric"] == metric].set_index(KEY + ["mapping"])["value"]
-        test = test[~test.index.duplicated()]
+        test = test[~test.index.duplicated()].sort_index()  # sorted: lookups by a full key stay fast and quiet
         gap = gaps.set_index(KEY + ["mapping"])
-        gap = gap[~gap.index.duplicated()]
+        gap = gap[~gap.index.duplicated()].sort_index()
         for idx, name in top["mapping"].items():
             k = tuple(idx) + (name,)
             best.loc[idx, "best_test_value"] = test.get(k, np.nan)

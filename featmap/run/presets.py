@@ -38,9 +38,10 @@ PRESETS = {
     "masking": Preset(["manipulations", *COMMON], {"manipulations": MASKS}),
     "semantic": Preset(
         ["manipulations", "editor_params", "edit_manifest", *COMMON],
-        {"manipulations": ["object_recolor", "object_remove", "background_swap", "object_paste"], "train_views": 1},
+        {"manipulations": ["object_recolor", "object_recolor_red", "object_gray", "object_blur", "object_remove",
+                           "background_swap", "object_paste"], "train_views": 1},
         docs={"manipulations": "editor names (featmap.edits.editors.EDITORS.names()), manifest edit names, or "
-                               "manipulations",
+                               "manipulations; background_swap and object_paste borrow another photo: controls",
               "train_views": "views per training photo (1 here: each semantic edit costs an object mask and an edit "
                              "per view)"}),
     "layers": Preset(
@@ -57,6 +58,18 @@ PRESETS = {
               "max_images": "a seeded subset of the photos, to keep seven layers x two weight sets inside the CPU "
                             "budget (None: all)",
               "train_views": "views per training photo (1: the centre crop only)"}),
+    "backbones": Preset(
+        ["manipulations", "backbone", "layers", "images", "max_images", "mappings", "learned_layers", "map_size",
+         "max_epochs", "train_views", "seed", "batch_size", "device", "threads", "bootstrap", "cache_dir"],
+        {"manipulations": ["rotation_90", "mirror_h", "grayscale", "hue_shift_60", "mask_big_square_center"],
+         "max_images": 60, "train_views": 1, "learned_layers": "all", "image_layers": [], "bootstrap": 500,
+         "mappings": ["identity", "additive", "linear", "local_linear", "mlp", "transformer"]},
+        extra={"second_backbone": ("dinov2_small", "the transformer: DINOv2 ViT-S/14 (offline weights; no classifier "
+                                                   "head)"),
+               "second_layers": (["blocks.3", "blocks.7", "blocks.11"], "its layers at the same relative depths "
+                                                                        "(early, middle, late)")},
+        docs={"max_images": "a seeded subset of the photos: the transformer extracts about 3 images/s on 2 cores",
+              "learned_layers": "trained maps at every layer: the gap to the global map by depth needs three"}),
     "summary": Preset([], extra={
         "tolerance_cos": (0.02, "claim 2: close when the paired interval of linear - best global lies above minus "
                                 "this (cos_mean)"),
@@ -135,6 +148,8 @@ def chapter_config(chapter: str, values: dict | None = None) -> tuple[RunConfig 
     extra = {name: merged.pop(name) for name in preset.extra}
     if not preset.shown:
         return None, extra
+    if chapter == "backbones":
+        merged["image_layers"] = []  # image space is judged in the family chapters; here the two networks
     if chapter == "layers":
         if merged["layers"] == "stages":
             from featmap.run.layers import stage_names

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-NOTEBOOKS := data geometric masking semantic layers backbones summary
+NOTEBOOKS := data geometric masking semantic layers backbones summary intro
 STAGE := _build/stage
 
 .PHONY: install book test lint bench browser clean-book
@@ -41,13 +41,12 @@ browser:
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
-# Run each chapter with papermill into a staging copy of the book, then render it (execution off).
+# Run each chapter with papermill into a staging copy of the book (progress and times in the terminal, never in
+# the pages), then render it (execution off).
 book: $(STAMP)
 	rm -rf $(STAGE) && mkdir -p $(STAGE)/book
-	cp _config.yml _toc.yml $(STAGE)/ && cp book/*.md $(STAGE)/book/ && cp -r book/_ext $(STAGE)/book/
-	for nb in $(NOTEBOOKS); do \
-	  $(BIN)/papermill --cwd $(STAGE)/book book/$$nb.ipynb $(STAGE)/book/$$nb.ipynb || exit 1; \
-	done
+	cp _config.yml _toc.yml $(STAGE)/ && cp -r book/_ext $(STAGE)/book/
+	$(BIN)/python -m featmap book $(STAGE) $(NOTEBOOKS)
 	$(BIN)/jupyter-book build $(STAGE) --path-output . --warningiserror --keep-going
 	@echo "book: $(CURDIR)/_build/html/index.html"
 

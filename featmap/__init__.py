@@ -1,5 +1,6 @@
 """featmap: how do feature maps change under image edits, and how simple is the map between them."""
 from featmap import _legacy
+from featmap.core import progress  # noqa: F401  (first: routes progress away from pages before any library loads)
 from featmap.run.chapter import RunResult, run_chapter
 from featmap.run.config import RunConfig
 

@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["book"]:  # make book's runner: python -m featmap book STAGE CHAPTER ...
+        from featmap.run.book import main as book
+
+        return book(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "params":
         if args.write:

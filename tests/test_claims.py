@@ -88,3 +88,24 @@ def test_read_all_leaves_out_the_layers_table():
     t = pd.DataFrame([_row("masking", "m", "linear", "cos_mean", 0.9)], columns=COLUMNS)
     stacked = claims.read_all({"masking": t, "layers": t})
     assert list(stacked.chapter) == ["masking"]
+    assert list(claims.read_all({"masking": t, "backbones": t}).chapter) == ["masking"]
+
+
+def _judge_rows(layer, reext, target_lpips, unrelated_lpips):
+    return [_row("photometric", "grayscale", "target", "cos_reextract_median", reext, layer=layer),
+            _row("photometric", "grayscale", "target", "lpips", target_lpips, layer=layer),
+            _row("photometric", "grayscale", "unrelated", "lpips", unrelated_lpips, layer=layer)]
+
+
+def test_the_judge_sanity_line_fails_a_blind_inverter_and_its_layer_gets_no_image_verdict():
+    rows = (_judge_rows("blocks.4", 0.62, 0.30, 0.70)  # sees: recognisable and far closer than an unrelated photo
+            + _judge_rows("blocks.6", 0.02, 0.75, 0.70))  # blind: grey blur, no closer than another photo
+    for layer in ("blocks.4", "blocks.6"):
+        rows.append(_row("photometric", "grayscale", "linear", "ssim_gap_transformer", 0.0, (-0.005, 0.005),
+                         layer=layer))
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    judge = claims.judge_sanity(table).set_index("layer")
+    assert bool(judge.loc["blocks.4", "judge_ok"]) and not judge.loc["blocks.6", "judge_ok"]
+    assert "re-extraction cosine 0.02 < 0.5" in judge.loc["blocks.6", "why"]
+    got = claims.claim_linear_close(table, {"ssim": 0.02})
+    assert list(got.cases["layer"]) == ["blocks.4"] and "no verdict at blocks.6" in got.measured

@@ -245,6 +245,10 @@ class SplitEdit:
         """Returns {view key: why it was left out} over all parts."""
         return {k: v for edit in self.parts.values() for k, v in edit.skipped.items()}
 
+    def skip_kinds(self) -> dict[str, str]:
+        """Returns {view key: the reason's kind} over all parts (see ``SkippedItem.kind``)."""
+        return {k: v for edit in self.parts.values() for k, v in getattr(edit, "skipped_kinds", {}).items()}
+
     @property
     def edits_made(self) -> int:
         return sum(edit.edits_made for edit in self.parts.values())

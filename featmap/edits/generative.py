@@ -212,7 +212,8 @@ class GenerativeEdit(SemanticEdit):
         result = self.pipeline(**kwargs)
         if any(getattr(result, "nsfw_content_detected", None) or []):
             self.skipped[item] = f"{self.name}: the pipeline's safety checker blanked the output"
-            raise SkippedItem(self.skipped[item])
+            self.skipped_kinds[item] = "safety checker"
+            raise SkippedItem(self.skipped[item], "safety checker")
         out = np.asarray(result.images[0].convert("RGB").resize((w, h), Image.Resampling.BICUBIC))
         return np.where(region[..., None], out, image) if region is not None else out
 

@@ -120,7 +120,8 @@ class ManifestEdit(SemanticEdit):
     def _check(self, item: str, image: np.ndarray | None, seed: int = 0) -> None:
         if item.rpartition("#")[0] not in self.pairs:
             self.skipped[item] = f"{self.name}: the manifest has no edited image of this photo"
-            raise SkippedItem(self.skipped[item])
+            self.skipped_kinds[item] = "not in the manifest"
+            raise SkippedItem(self.skipped[item], "not in the manifest")
 
     def reconciled(self, photo_id: str) -> Path:
         """Returns a PNG of the edited image at its original's pixel size (made once, content-addressed)."""

@@ -28,6 +28,7 @@ class ObjectMask:
     fraction: float
     ok: bool
     reason: str = ""
+    kind: str = ""  # the reason in a few words, for counting: "no object found", "object not separated"
 
 
 def image_digest(image: np.ndarray) -> str:
@@ -54,11 +55,12 @@ def judge_mask(mask: np.ndarray, margin: float) -> ObjectMask:
     in_box = float(mask[y:y + bh, x:x + bw].mean()) if bw * bh else 0.0
     if fraction < MIN_FRACTION:
         return ObjectMask(mask, fraction, False,
-                          f"foreground is {fraction:.1%} of the image, under {MIN_FRACTION:.0%}: no object found")
+                          f"foreground is {fraction:.1%} of the image, under {MIN_FRACTION:.0%}: no object found",
+                          "no object found")
     if in_box > MAX_BOX_FRACTION:
         return ObjectMask(mask, fraction, False,
                           f"foreground fills {in_box:.1%} of the initial box, over {MAX_BOX_FRACTION:.0%}: "
-                          "object and background were not separated")
+                          "object and background were not separated", "object not separated")
     return ObjectMask(mask, fraction, True)
 
 

@@ -36,7 +36,12 @@ from featmap.edits.segmentation import (
 
 
 class SkippedItem(ValueError):
-    """An item an edit refuses to fake (failed object mask, no partner photo); recorded in ``skipped``."""
+    """An item an edit refuses to fake (failed object mask, no partner photo); recorded in ``skipped``, its short
+    ``kind`` (e.g. "no object found") in ``skipped_kinds`` so reports count reasons without parsing messages."""
+
+    def __init__(self, message: str, kind: str = "other"):
+        super().__init__(message)
+        self.kind = kind
 
 
 COLOURS = {"red": (255, 0, 0), "orange": (255, 128, 0), "yellow": (255, 230, 0), "green": (0, 200, 0),
@@ -151,6 +156,7 @@ class SemanticEdit:
             self.params.update(mask_margin=float(margin), mask_iterations=int(iterations))
         self.cache_root = Path(cache_root) if cache_root else None
         self.skipped: dict[str, str] = {}
+        self.skipped_kinds: dict[str, str] = {}
         self.edits_made = self.cache_hits = 0
         self._views: dict[str, View] | None = None
         self._image_of: Callable[[View], np.ndarray] | None = None
@@ -220,7 +226,7 @@ class SemanticEdit:
                 self._partners[seed, item] = view
                 return view
         raise SkippedItem(f"{self.name}: no other photo among the {len(views)} bound views"
-                          + (" has a usable object mask" if self.partner == "object" else ""))
+                          + (" has a usable object mask" if self.partner == "object" else ""), "no partner photo")
 
     def _check(self, item: str, image: np.ndarray | None, seed: int = 0) -> None:
         """Raises SkippedItem (and records why) when ``item`` cannot be edited honestly."""
@@ -228,11 +234,12 @@ class SemanticEdit:
             if self.needs_mask:
                 m = self.mask(image)
                 if not m.ok:
-                    raise SkippedItem(f"{self.name}: object mask failed: {m.reason}")
+                    raise SkippedItem(f"{self.name}: object mask failed: {m.reason}", m.kind)
             if self.partner:
                 self.partner_of(item, seed)
         except SkippedItem as e:
             self.skipped[item] = str(e)
+            self.skipped_kinds[item] = e.kind
             raise
 
     def usable(self, views: list[View], seed: int = 0) -> list[View]:

@@ -20,6 +20,7 @@ import pandas as pd
 from featmap.report import verdicts as v
 
 NOT_MEASURED = "not measured"
+IMAGE_METRICS = ("ssim", "lpips", "st_lpips", "cos_reextract_median")
 DESCRIBED = "described"
 
 # The paper's statements, quoted from its abstract (see shared/paper/seed-summary.txt).
@@ -46,10 +47,15 @@ class Claim:
     counts: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
+# Chapters that repeat the families' cases on other layers or backbones: read for claim 3 on their own.
+NOT_FAMILIES = ("layers", "backbones")
+
+
 def read_all(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Returns the family chapters' tables stacked with a ``chapter`` column (not the layers chapter: it repeats
-    the families' linear maps at more layers and is read for claim 3 on its own)."""
-    frames = [t.assign(chapter=name) for name, t in results.items() if name != "layers" and not t.empty]
+    """Returns the family chapters' tables stacked with a ``chapter`` column (not ``NOT_FAMILIES``: the layers and
+    backbones chapters repeat the families' cases at more layers or on another network, and are read for claim 3
+    on their own)."""
+    frames = [t.assign(chapter=name) for name, t in results.items() if name not in NOT_FAMILIES and not t.empty]
     if not frames:
         raise ValueError(f"no family results among {sorted(results)}: run the family chapters first")
     return pd.concat(frames, ignore_index=True)
@@ -92,8 +98,17 @@ def claim_linear_close(families: pd.DataFrame, tolerances: dict[str, float]) -> 
     holds when more than half of its cases hold (``count_outcomes(rule="most")``). The claim's verdict is the
     weakest over the metrics measured."""
     cases, controls, counts, parts = [], [], [], []
+    judge = judge_sanity(families)
+    seen = {(r.backbone, r.layer) for r in judge.itertuples() if r.judge_ok}
     for metric, tolerance in tolerances.items():
-        split = v.claim_linear_close(families, metric, tolerance)
+        data = families
+        if metric in IMAGE_METRICS:  # image space is judged only where the judge can see (judge_sanity)
+            keep = [(b, layer) in seen for b, layer in zip(families["backbone"], families["layer"])]
+            data = families[keep]
+            blind = sorted(set(judge.loc[~judge["judge_ok"].astype(bool), "layer"]))
+            if blind:
+                parts.append(f"{metric}: no verdict at {', '.join(blind)} (the image-space judge cannot see there)")
+        split = v.claim_linear_close(data, metric, tolerance)
         if split.cases.empty:
             continue
         c = v.count_outcomes(split.cases, rule="most").assign(metric=metric)
@@ -102,7 +117,8 @@ def claim_linear_close(families: pd.DataFrame, tolerances: dict[str, float]) -> 
         counts.append(c)
         parts.append(f"{metric} (tolerance {tolerance:g}): " + _counts_text(c))
     if not counts:
-        return Claim(2, NOT_MEASURED, "no case where the shared linear map and a global map ran on the same photos")
+        return Claim(2, NOT_MEASURED, " | ".join(parts) or "no case where the shared linear map and a global map "
+                                                             "ran on the same photos")
     counts = pd.concat(counts, ignore_index=True)
     overall = counts[counts["family"] == "overall"]["verdict"]
     order = {v.FAILS: 0, v.INCONCLUSIVE: 1, v.HOLDS: 2}
@@ -157,3 +173,36 @@ def overall(claims: list[Claim]) -> pd.DataFrame:
     return pd.DataFrame([{"claim": c.claim, "verdict": c.verdict, "measured": c.measured,
                           "paper": STATEMENTS[c.claim]} for c in claims],
                         columns=["claim", "verdict", "measured", "paper"])
+
+
+# The judge's bar: the inverter's image of the true manipulated map must be recognisably that photo.
+JUDGE_MIN_REEXTRACT = 0.5
+
+
+def judge_sanity(table: pd.DataFrame, min_reextract: float = JUDGE_MIN_REEXTRACT) -> pd.DataFrame:
+    """Returns per (backbone, layer) with image-space rows whether the image-space judge can see there.
+
+    The inverter's image of the TRUE manipulated map (``target`` rows) against the manipulated photo must be
+    informative: its ``cos_reextract_median`` (both images back through the backbone) at least ``min_reextract``
+    on average over the edits, and its LPIPS below an unrelated real photo's (``unrelated`` rows: another test
+    photo against the same image), every edit's interval entirely below. A layer that fails gets no image-space
+    verdict: any map is judged there only as precisely as the inverter reconstructs the truth.
+    """
+    cols = ["backbone", "layer", "target_cos_reextract_median", "target_lpips", "unrelated_lpips", "judge_ok", "why"]
+    rows = table[table["mapping"].isin(["target", "unrelated"])
+                 & table["metric"].isin(["cos_reextract_median", "lpips"])]
+    out = []
+    for (backbone, layer), d in rows.groupby(["backbone", "layer"], sort=False):
+        def mean(mapping, metric):
+            return d[(d["mapping"] == mapping) & (d["metric"] == metric)]["value"].mean()
+        target = d[(d["mapping"] == "target") & (d["metric"] == "lpips")].set_index("manipulation")
+        unrelated = d[(d["mapping"] == "unrelated") & (d["metric"] == "lpips")].set_index("manipulation")
+        both = target.index.intersection(unrelated.index)
+        reext = mean("target", "cos_reextract_median")
+        below = bool(len(both)) and bool((target.loc[both, "ci_high"] < unrelated.loc[both, "ci_low"]).all())
+        why = [f"re-extraction cosine {reext:.2f} < {min_reextract}" if not reext >= min_reextract else "",
+               "" if below else "the true map's image is not clearly closer than an unrelated photo (LPIPS)"]
+        out.append({"backbone": backbone, "layer": layer, "target_cos_reextract_median": reext,
+                    "target_lpips": mean("target", "lpips"), "unrelated_lpips": mean("unrelated", "lpips"),
+                    "judge_ok": reext >= min_reextract and below, "why": "; ".join(w for w in why if w)})
+    return pd.DataFrame(out, columns=cols)

@@ -252,3 +252,35 @@ def plot_by_depth(table: pd.DataFrame, metric: str = "cos_mean", mappings: tuple
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     fig.tight_layout()
     return fig
+
+
+def plot_headline(families: pd.DataFrame, metric: str = "cos_mean",
+                  maps: tuple[str, ...] = ("identity", "linear", "transformer", "transformer_pe"), height: float = 3.2):
+    """Returns the book's headline figure: per family, test ``metric`` of the identity floor, the shared linear map
+    and the global maps, over the cases where all of them ran (comparable spatial mode); bars are the mean over
+    cases, dots the cases."""
+    data = comparable_rows(families[(families["metric"] == metric) & families["mapping"].isin(maps)])
+    key = ["family", "manipulation", "backbone", "layer"]
+    complete = data.groupby(key)["mapping"].nunique()
+    complete = complete[complete == len(maps)].index
+    data = data.set_index(key).loc[complete].reset_index() if len(complete) else data.iloc[0:0]
+    if data.empty:
+        raise ValueError(f"no case where {', '.join(maps)} all ran")
+    fams = list(dict.fromkeys(data["family"]))
+    fig, ax = plt.subplots(figsize=(1.9 * len(fams) + 2.4, height))
+    width = 0.8 / len(maps)
+    for i, name in enumerate(maps):
+        d = data[data["mapping"] == name]
+        x = np.arange(len(fams)) - 0.4 + width * (i + 0.5)
+        ax.bar(x, d.groupby("family")["value"].mean().reindex(fams), width * 0.9, color=MAP_COLOURS[name],
+               label=name, alpha=0.85)
+        for j, fam in enumerate(fams):
+            v = d[d["family"] == fam]["value"]
+            ax.plot(np.full(len(v), x[j]), v, "o", ms=2.5, color="0.15", alpha=0.6)
+    ax.set_xticks(range(len(fams)), fams)
+    ax.set_ylabel(f"{metric} on test photos")
+    ax.set_ylim(max(0.0, float(data["value"].min()) - 0.05), 1.0)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig

@@ -257,6 +257,9 @@ def _target_scores(config: RunConfig, group: CellScorer, semantics: bool, n_exam
         imager = group.imager
         rows += [sample_rows(base, metric, values, config.bootstrap, config.seed)
                  for metric, values in imager.target_scores().items()]
+        unrelated = {**base, "mapping": "unrelated"}  # the baseline the inverter's own images must beat
+        rows += [sample_rows(unrelated, metric, values, config.bootstrap, config.seed)
+                 for metric, values in imager.unrelated_scores().items()]
         arrays = {"image/original": to_uint8_images(
             np.stack([group.store.image(v, None) for v in group.test[:n_examples]]), imager.size),
             "image/manipulated": imager.reference[:n_examples], "image/target": imager.target[:n_examples]}

@@ -93,6 +93,15 @@ class ImageScorer:
         """Returns per-sample scores of the true map's reconstruction against the manipulated images."""
         return self._compare(self.target, self.target_feats, self.reference, self.reference_feats)
 
+    def unrelated_scores(self) -> dict[str, np.ndarray]:
+        """Returns per-sample scores of another test photo's manipulated image against each manipulated image (photo
+        i against photo i + 1): what the metrics give for an unrelated real photo, the baseline a judge must beat.
+        Empty with fewer than two photos."""
+        if len(self.reference) < 2:
+            return {}
+        order = np.roll(np.arange(len(self.reference)), -1)
+        return self._compare(self.reference[order], self.reference_feats[order], self.reference, self.reference_feats)
+
     def scores(self, pred: torch.Tensor) -> dict[str, np.ndarray]:
         """Returns per-sample scores of ``pred``'s reconstruction against the manipulated images, and (suffix
         ``_vs_inv_target``) against the true map's reconstruction."""

@@ -1,0 +1,264 @@
+"""What a chapter page shows, as package calls: the computed key findings first, the main figure, then the
+details a reader unfolds. The chapters keep their own prose and parameters; what they share lives here."""
+from __future__ import annotations
+
+import html
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import HTML
+
+from featmap.core.table import comparable_rows
+from featmap.report import claims
+from featmap.report.plots import MAP_COLOURS
+from featmap.report.verdicts import FAILS, HOLDS, INCONCLUSIVE
+
+# The maps of a chapter's main figure: at most eight series (the rest are in the folded tables).
+MAIN_MAPS = ("identity", "additive", "linear", "local_linear", "mlp", "cnn", "transformer", "transformer_pe")
+
+
+def _count(c: claims.Claim) -> str:
+    if not len(c.counts):
+        return "not measured"
+    o = c.counts.iloc[-1]
+    return f"{o[HOLDS]} of {o['cases']} cases hold, {o[FAILS]} do not, {o[INCONCLUSIVE]} are inconclusive"
+
+
+def findings_lines(table: pd.DataFrame, min_effect_share: float = 0.1, tolerance: float = 0.02) -> list[str]:
+    """Returns the chapter's key findings as short sentences, each computed from ``table`` (a chapter's results)."""
+    lines = []
+    c1 = claims.claim_learnable(table, "cos_mean", min_effect_share)
+    if len(c1.counts):
+        lines.append(f"The shared linear map beats the identity floor photo by photo, by at least "
+                     f"{min_effect_share:.0%} of identity's headroom (cos_mean): {_count(c1)}.")
+        best = c1.cases["best_map_val"].dropna()
+        if len(best):
+            top = best.value_counts()
+            lines.append(f"Chosen on validation photos, the best map is {top.index[0]} in {top.iloc[0]} of "
+                         f"{len(best)} cases" + (f", then {top.index[1]} ({top.iloc[1]})" if len(top) > 1 else "")
+                         + ".")
+    if len(c1.controls):
+        lines.append(f"Controls (edits that borrow another photo, not learnable by construction): "
+                     f"{', '.join(sorted(set(c1.controls['outcome'])))} for the linear map.")
+    local = table[table["family"].isin(["masking", "semantic"])]
+    changed = claims.claim_learnable(local, "cos_changed_mean", min_effect_share) if len(local) else None
+    if changed is not None and len(changed.counts):
+        lines.append(f"On the positions the edit changed only (cos_changed_mean): {_count(changed)}.")
+    c2 = claims.claim_linear_close(table, {"cos_mean": tolerance})
+    if len(c2.counts):
+        gap = c2.cases["gap"]
+        lines.append(f"Against the harder of the two transformer maps (non-inferiority, tolerance {tolerance:g}): "
+                     f"{_count(c2)}; the paired gap ranges from {gap.min():+.3f} to {gap.max():+.3f}.")
+    agree = table[(table["metric"] == "top1_agree") & table["mapping"].isin(["identity", "linear"])]
+    agree = comparable_rows(agree)
+    if len(agree):
+        m = agree.groupby("mapping")["value"].mean()
+        lines.append(f"Through the classifier tail, the linear map's prediction keeps the true manipulated map's top-1 "
+                     f"class for {m.get('linear', np.nan):.0%} of test photos on average (identity: "
+                     f"{m.get('identity', np.nan):.0%}).")
+    for r in claims.judge_sanity(table).itertuples():
+        lines.append(f"Image-space judge at {r.layer}: " + (
+            f"it sees (re-extraction cosine {r.target_cos_reextract_median:.2f}, LPIPS {r.target_lpips:.2f} against "
+            f"{r.unrelated_lpips:.2f} for an unrelated photo)." if r.judge_ok else
+            f"it cannot see ({r.why}); no image-space verdict there."))
+    return lines
+
+
+def key_findings(table: pd.DataFrame, **kwargs) -> HTML:
+    """Returns the key-findings block of a chapter page (an HTML element of class ``key-findings``)."""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in findings_lines(table, **kwargs))
+    return HTML(f'<div class="key-findings"><p><strong>Key findings on this run</strong></p><ul>{items}</ul></div>')
+
+
+def plot_maps(table: pd.DataFrame, metric: str = "cos_mean", maps: tuple[str, ...] = MAIN_MAPS,
+              height: float = 2.9):
+    """Returns a figure, one panel per layer: test ``metric`` per edit for up to eight maps, each in the edit's
+    comparable spatial mode (geometric edits after the grid rotation/flip), with 95% intervals."""
+    data = comparable_rows(table[(table["metric"] == metric) & table["mapping"].isin(maps)])
+    if data.empty:
+        raise ValueError(f"no {metric} rows for the maps {', '.join(maps)}")
+    layers = list(dict.fromkeys(data["layer"]))
+    manips = list(dict.fromkeys(data["manipulation"]))
+    present = [m for m in maps if m in set(data["mapping"])]
+    fig, axes = plt.subplots(1, len(layers), figsize=(max(3.2, 0.55 * len(manips) + 1.2) * len(layers) + 1.8, height),
+                             sharey=True, squeeze=False)
+    width = 0.8 / len(present)
+    for ax, layer in zip(axes[0], layers):
+        d = data[data["layer"] == layer]
+        for i, name in enumerate(present):
+            m = d[d["mapping"] == name].set_index("manipulation").reindex(manips)
+            x = np.arange(len(manips)) - 0.4 + width * (i + 0.5)
+            err = np.vstack([m["value"] - m["ci_low"], m["ci_high"] - m["value"]]).clip(min=0)
+            ax.errorbar(x, m["value"], yerr=np.nan_to_num(err), fmt="o", ms=3.5, capsize=1.5,
+                        color=MAP_COLOURS.get(name, "0.3"), label=name)
+        ax.set_xticks(range(len(manips)), manips, rotation=40, ha="right", fontsize=8)
+        ax.set_title(layer, fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0][0].set_ylabel(f"{metric} on test photos (95% CI)")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    by_label = dict(zip(labels, handles))
+    for ax in axes[0]:
+        h, lab = ax.get_legend_handles_labels()
+        by_label.update(zip(lab, h))
+    axes[0][-1].legend([by_label[n] for n in present if n in by_label], [n for n in present if n in by_label],
+                       loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def wide(table: pd.DataFrame, metric: str, comparable: bool = True) -> pd.DataFrame:
+    """Returns ``metric`` as a table with rows (layer, manipulation) and one column per map (comparable mode, or
+    the raw grid of geometric edits with ``comparable=False``), without an index column."""
+    data = table[table["metric"] == metric]
+    data = comparable_rows(data) if comparable else data[(data["family"] == "geometric") & (data["spatial"] == "none")]
+    if data.empty:
+        return pd.DataFrame()
+    out = data.pivot_table(index=["layer", "manipulation"], columns="mapping", values="value", sort=False)
+    order = [m for m in MAIN_MAPS + ("procrustes", "linear_sgd") if m in out.columns]
+    return out[order + [c for c in out.columns if c not in order]].reset_index()
+
+
+def show(frame: pd.DataFrame, digits: int = 3):
+    """Returns ``frame`` styled for a page: rounded, no index column."""
+    return frame.round(digits).style.hide(axis="index").format(precision=digits)
+
+
+def run_summary(result) -> str:
+    """Returns the run's facts for the folded cell: photos and split, feature maps, what was computed, seconds."""
+    split, specs = result.split, result.store.backbone.specs.values()
+    t = result.timings
+    return "\n".join([
+        f"photos: {len(result.images)} ({len(split.train)} train, {len(split.val)} validation, {len(split.test)} "
+        "test)",
+        "feature maps: " + ", ".join(f"{s.layer} {s.channels}x{s.height}x{s.width}" for s in specs),
+        f"images extracted this run: {result.extracted}; scores computed {t.get('scores_computed', 0)}, read from "
+        f"the cache {t.get('scores_cached', 0)}",
+        "seconds: " + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in t.items()
+                                if k.endswith("_seconds"))])
+
+
+def judge(table: pd.DataFrame) -> pd.DataFrame:
+    """Returns the image-space judge's sanity line per layer (``claims.judge_sanity``)."""
+    return claims.judge_sanity(table)
+
+
+IMAGE_COLUMNS = ("ssim", "lpips", "st_lpips", "cos_reextract_median", "ssim_vs_inv_target", "lpips_vs_inv_target",
+                 "st_lpips_vs_inv_target", "cos_reextract_median_vs_inv_target")
+
+
+def image_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Returns the image-space scores, one row per (layer, edit, map) including ``target`` and ``unrelated``."""
+    data = table[table["metric"].isin(IMAGE_COLUMNS)]
+    if data.empty:
+        return pd.DataFrame()
+    out = data.pivot_table(index=["layer", "manipulation", "mapping"], columns="metric", values="value", sort=False)
+    return out[[c for c in IMAGE_COLUMNS if c in out.columns]].reset_index()
+
+
+FIT_FACTS = ("n_train_positions", "ridge_alpha", "alpha_at_edge", "epochs", "best_val_loss")
+
+
+def fit_facts(table: pd.DataFrame) -> pd.DataFrame:
+    """Returns per (layer, edit, spatial mode, map) the facts of each fit: training positions, the ridge strength
+    chosen on validation photos and whether it sits at the grid's edge, epochs run and best validation loss."""
+    data = table[table["metric"].isin(FIT_FACTS) & ~table["mapping"].isin(["identity", "target", "unrelated"])]
+    if data.empty:
+        return pd.DataFrame()
+    out = data.pivot_table(index=["layer", "manipulation", "spatial", "mapping"], columns="metric", values="value",
+                           sort=False)
+    return out[[c for c in FIT_FACTS if c in out.columns]].reset_index()
+
+
+GEOMETRY = ("delta_bias_share", "delta_wx_share", "delta_erank_frac")
+
+
+def geometry_by_family(table: pd.DataFrame, others: tuple[str, ...] = ("geometric", "masking")) -> pd.DataFrame:
+    """Returns the shared linear maps' geometry per (layer, family): the median over each family's edits of the
+    predicted change's bias and weight shares and of erank(W - I) / C, from ``table`` and the results tables of
+    the ``others`` chapters where they exist (comparable spatial mode)."""
+    from featmap.core.table import read_results, results_dir
+
+    tables = [table] + [read_results(c) for c in others if (results_dir() / f"{c}.csv").is_file()]
+    data = comparable_rows(pd.concat(tables, ignore_index=True))
+    data = data[(data["mapping"] == "linear") & data["metric"].isin(GEOMETRY)]
+    if data.empty:
+        return pd.DataFrame()
+    return data.pivot_table(index=["layer", "family"], columns="metric", values="value", aggfunc="median",
+                            sort=False).reset_index()
+
+
+def edits_used(manipulations) -> pd.DataFrame:
+    """Returns per semantic edit: the views each split part could edit honestly, how many were left out and why
+    (the edits' own skip reasons, counted by kind)."""
+    rows = []
+    for m in manipulations:
+        if not hasattr(m, "usable"):
+            continue
+        kinds = pd.Series(list(m.skip_kinds().values()), dtype=str).value_counts()
+        rows.append({"edit": m.name, **{part: len(v) for part, v in m.usable.items()}, "left out": len(m.skipped),
+                     "why": "; ".join(f"{k} ({n})" for k, n in kinds.items()) or "-"})
+    return pd.DataFrame(rows)
+
+
+def layer_findings_lines(table: pd.DataFrame) -> list[str]:
+    """Returns the layers chapter's key findings, computed from its table: the linear maps beat identity by
+    depth, the bias part of the predicted change, delta erank against its noise floor, the random-weights
+    control, alphas at the grid's edge, and where the grid operation does not line up with the features."""
+    from featmap.report import verdicts as v
+
+    lines = []
+    trained = table[~table["backbone"].str.endswith(v.RANDOM_SUFFIX)]
+    cos = comparable_rows(trained[trained["metric"] == "cos_mean"]).pivot_table(
+        index=["layer", "manipulation"], columns="mapping", values="value", sort=False)
+    if {"linear", "identity"} <= set(cos.columns):
+        gain = (cos["linear"] - cos["identity"]).groupby(level="layer", sort=False).mean()
+        lines.append("The shared linear map's test cos_mean gain over identity, mean over edits, by layer: "
+                     + ", ".join(f"{layer} {g:+.3f}" for layer, g in gain.items()) + ".")
+    geo = v.geometry_table(table)
+    auto = geo[(geo["alpha_setting"] == "auto")]
+    bias = auto[auto["metric"] == "delta_bias_share"].groupby("layer", sort=False)["value"].median()
+    if len(bias):
+        lines.append("Bias part of the predicted change (delta_bias_share, median over edits): "
+                     + ", ".join(f"{layer} {b:.2f}" for layer, b in bias.items()) + "; random weights: "
+                     + ", ".join(f"{layer} {b:.2f}" for layer, b in auto[auto["metric"] == "delta_bias_share"]
+                                 .groupby("layer", sort=False)["random_value"].median().items()) + ".")
+    low, n = claims.low_rank_share(geo)
+    if n:
+        lines.append(f"The change W - I has lower effective rank than its noise floor (the same fit on pairs whose "
+                     f"change belongs to another photo) in {low} of {n} cases.")
+    edges = auto[(auto["metric"] == "delta_bias_share") & auto["edge_alpha"].astype(bool)]
+    lines.append(f"{len(edges)} fits chose the largest ridge strength of the grid (their geometry is the prior's "
+                 "as much as the data's; the fixed-alpha rows beside them are not)." if len(edges) else
+                 "No fit chose a ridge strength at the grid's edge.")
+    align = trained[(trained["mapping"] == "grid_op") & (trained["metric"] == "align_plain_is_best")]
+    if len(align):
+        off = align[align["value"] < 1].groupby("layer", sort=False)["manipulation"].apply(list)
+        lines.append("The grid rotation/flip lines up with the edited photo's features at every stage." if off.empty
+                     else "The grid operation is off by a cell (a shifted copy matches better) at "
+                     + "; ".join(f"{layer} ({', '.join(m)})" for layer, m in off.items())
+                     + ": the padding of stride-2 convolutions is asymmetric there, so those stages are left out of "
+                       "depth trends for geometric edits.")
+    return lines
+
+
+def layer_key_findings(table: pd.DataFrame) -> HTML:
+    """Returns the layers chapter's key-findings block (class ``key-findings``)."""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in layer_findings_lines(table))
+    return HTML(f'<div class="key-findings"><p><strong>Key findings on this run</strong></p><ul>{items}</ul></div>')
+
+
+def data_key_findings(images, card: pd.DataFrame, split) -> HTML:
+    """Returns the data card's key-findings block: how many photos from where, under which licences, how they split
+    and which shots of one subject are kept together."""
+    sources = card.groupby("source").size().sort_values(ascending=False)
+    licences = card.groupby("licence").size().sort_values(ascending=False)
+    grouped = [g for g in images.groups if len(g.ids) > 1]
+    lines = [f"{len(card)} distinct photos ({images.duplicates} byte-identical duplicates removed), "
+             f"{card['bytes'].sum() / 1e6:.1f} MB, from " + ", ".join(f"{s} ({n})" for s, n in sources.items()) + ".",
+             "Licences: " + ", ".join(f"{lic} {n}" for lic, n in licences.items()) + ".",
+             f"Split by source photo (seed 0): {len(split.train)} train, {len(split.val)} validation, "
+             f"{len(split.test)} test; {len(grouped)} groups of shots of one subject "
+             f"({sum(len(g.ids) for g in grouped)} photos) stay on one side."]
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return HTML(f'<div class="key-findings"><p><strong>Key findings</strong></p><ul>{items}</ul></div>')

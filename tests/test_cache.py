@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from featmap.core.io import content_key
+import featmap
+from featmap.core.io import cached, content_key, read_cached, write_cached
 from featmap.data.images import ImageSet
 from featmap.edits.manipulations import get_manipulation
 from featmap.features.store import FeatureCache, FeatureStore
@@ -78,3 +81,36 @@ def test_keys_separate_what_changes_the_features(tmp_path, lite0, photo_dir):
     assert len(keys) == 5
     test_view = ImageSet.from_folder(photo_dir).split(seed=0).views("test", 1)[0]
     assert s0.key(test_view, grey, "blocks.6") == s1.key(test_view, grey, "blocks.6")  # nothing random in it
+
+
+def test_the_cache_helper_loads_discards_recomputes_and_writes_once(tmp_path):
+    path, computed = tmp_path / "entry.txt", []
+
+    def compute():
+        computed.append(1)
+        return "fresh"
+
+    def load(p):
+        text = p.read_text()
+        if text != "fresh":
+            raise ValueError(f"stale entry {text!r}")
+        return text
+
+    def save(f, value):
+        f.write(value.encode())
+
+    assert cached(path, load, compute, save) == "fresh" and path.read_text() == "fresh"
+    assert cached(path, load, compute, save) == "fresh" and computed == [1]  # a hit computes nothing
+    path.write_text("torn")
+    assert read_cached(path, load) is None and not path.exists()  # an entry that does not load is deleted
+    assert cached(path, load, compute, save) == "fresh" and computed == [1, 1]
+    write_cached(path, save, "fresh")
+    assert read_cached(path, load) == "fresh" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_every_cache_writes_through_the_one_atomic_helper():
+    """No module but core/io.py opens its own temporary file or renames one over an entry."""
+    package = Path(featmap.__file__).parent
+    own = [str(p.relative_to(package)) for p in package.rglob("*.py") if p != package / "core" / "io.py"
+           and any(code in p.read_text() for code in ("mkstemp(", "os.replace(", "os.rename("))]
+    assert not own, f"atomic writes outside featmap.core.io: {own}"

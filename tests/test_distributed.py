@@ -78,7 +78,7 @@ def free_port() -> int:
 
 
 def npy_files(cache: Path) -> dict[str, Path]:
-    return {p.stem: p for p in cache.rglob("*.npy")}
+    return {p.stem: p for p in cache.rglob("*.npy") if p.parent.name != "phash"}  # features only
 
 
 @pytest.fixture(scope="module")

@@ -117,3 +117,22 @@ def test_the_checker_sees_a_planted_violation(tmp_path):
         assert folder("featmap.core.bad") == "core" and FLOW.index("report") > FLOW.index("core")
     finally:
         PACKAGE = saved
+
+
+def test_progress_goes_to_the_terminal_file_never_a_kernel_page(tmp_path, monkeypatch):
+    import sys
+
+    from featmap.core import progress
+
+    monkeypatch.delenv(progress.PROGRESS_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "ipykernel", object())  # as inside a notebook kernel
+    bar = progress.bar(total=3, desc="extracting", unit="img")
+    bar.update(3)
+    bar.close()
+    assert bar.disable  # nothing reaches the page
+    log = tmp_path / "progress.log"
+    monkeypatch.setenv(progress.PROGRESS_ENV, str(log))
+    bar = progress.bar(total=3, desc="extracting", unit="img")
+    bar.update(3)
+    bar.close()
+    assert "extracting" in log.read_text() and "3/3" in log.read_text()

@@ -25,11 +25,16 @@ def _in_kernel() -> bool:
     return "ipykernel" in sys.modules
 
 
+_OPEN: dict[str, io.TextIOBase] = {}  # one line-buffered handle per progress file, reused by every bar
+
+
 def stream():
     """Returns where progress goes now: the ``$FEATMAP_PROGRESS`` file, stderr outside a kernel, or None."""
     path = os.environ.get(PROGRESS_ENV)
     if path:
-        return open(path, "a", buffering=1, encoding="utf-8")
+        if path not in _OPEN or _OPEN[path].closed:
+            _OPEN[path] = open(path, "a", buffering=1, encoding="utf-8")
+        return _OPEN[path]
     return None if _in_kernel() else sys.stderr
 
 

@@ -1,15 +1,14 @@
 """Feature extraction through the cache: (view, manipulation, layer) -> float16 feature map."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from featmap.core.io import content_key, default_cache_dir, read_cached, write_cached
+from featmap.core.progress import bar as progress_bar
 from featmap.data.images import ImageSet, View
 from featmap.edits.manipulations import Manipulation
 from featmap.features.backbone import Backbone
@@ -93,8 +92,8 @@ class FeatureStore:
                 if not all(self.cache.contains(self.key(v, m, layer)) for layer in layers)]
         if not todo:
             return 0
-        bar = tqdm(total=len(todo), desc=f"extracting {self.backbone.name}", unit="img", file=sys.stderr,
-                   disable=not self.progress, mininterval=10)
+        bar = progress_bar(total=len(todo), desc=f"extracting {self.backbone.name}", unit="img",
+                           disable=not self.progress)
         current_view, base = None, None
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start:start + self.batch_size]

@@ -7,7 +7,6 @@ per-epoch random streams. ``train_map`` is the learned maps' recipe (the referen
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -17,9 +16,9 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from featmap.core.io import read_cached, write_cached
+from featmap.core.progress import bar as progress_bar
 from featmap.core.seeding import derive_seed
 from featmap.train.normalizer import NormalizedMap, Normalizer
 from featmap.train.strategy import SingleProcess, Strategy, strategy_for
@@ -161,8 +160,9 @@ class Pairs:
 
 @dataclass
 class Fitted:
-    """A trained network and its run: ``history`` holds one record per epoch (``train_loss``, and ``val_loss``
-    and ``val_<metric>`` when there is validation data); ``resumed_from`` is the epoch a checkpoint gave."""
+    """A trained network and its run: ``history`` holds one record per epoch (``train_loss``, the mean over this
+    process's training samples, and ``val_loss`` and ``val_<metric>`` when there is validation data);
+    ``resumed_from`` is the epoch the run started at (0, or the epochs a checkpoint held)."""
 
     net: nn.Module
     epochs: int
@@ -239,8 +239,8 @@ def fit(net: nn.Module, recipe: Recipe, train: Pairs, val: Pairs | None = None, 
     resumed_from = state["epoch"]
     model = strategy.wrap(net, device)
     smallest = max(recipe.min_batch, strategy.world_size)
-    bar = tqdm(total=recipe.stopping.max_epochs, initial=state["epoch"], desc=desc, unit="epoch", file=sys.stderr,
-               disable=not progress, leave=False)
+    bar = progress_bar(total=recipe.stopping.max_epochs, initial=state["epoch"], desc=desc, unit="epoch",
+                       disable=not progress)
     while recipe.stopping.running(state):
         start = time.perf_counter()
         net.train()
@@ -271,7 +271,8 @@ def fit(net: nn.Module, recipe: Recipe, train: Pairs, val: Pairs | None = None, 
         recipe.schedule.step(scheduler, val_loss)
         if val_loss is not None and val_loss < state["best_val"] - recipe.stopping.min_delta:
             state.update(best_val=val_loss, best_epoch=state["epoch"], bad_epochs=0)
-            best = _snapshot(net) if recipe.stopping.keep_best else None
+            if recipe.stopping.keep_best:
+                best = _snapshot(net)
         elif val_loss is not None:
             state["bad_epochs"] += 1
         state["history"].append(record)

@@ -1,0 +1,204 @@
+"""The one training loop: planted answers with the maps' settings and the inverter's, stopping where a planted
+validation curve says, resuming bit for bit, and delegating everything process-specific to its strategy."""
+import pytest
+import torch
+from torch import nn
+
+import featmap.core.io as io
+import featmap.train.loop as loop
+from featmap.core.distributed import Context
+from featmap.train.loop import AdamW, Cosine, Pairs, Recipe, Stopping, TrainConfig, fit, map_recipe
+from featmap.train.strategy import DataParallel, SingleProcess, Strategy, strategy_for
+
+torch.set_num_threads(1)
+C, SIDE = 6, 3
+
+
+def planted_affine(seed: int, n: int):
+    """Returns x (n, C, SIDE, SIDE), y = W x + b per position, and W (C, C), b (C,)."""
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(C, C, generator=g) / C ** 0.5, torch.randn(C, generator=g) * 0.5
+    x = torch.randn(n, C, SIDE, SIDE, generator=g)
+    return x, torch.einsum("oc,bchw->bohw", w, x) + b.view(1, -1, 1, 1), w, b
+
+
+def seeded(build, seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def map_net() -> nn.Module:  # batch norm (buffers, single-sample batches) and dropout (seeded per epoch)
+    return nn.Sequential(nn.Conv2d(C, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Dropout(0.2), nn.Conv2d(16, C, 1))
+
+
+def inverter_net() -> nn.Module:  # group norm, no dropout: the decoder's kind
+    return nn.Sequential(nn.Conv2d(C, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, C, 1))
+
+
+def inverter_recipe(epochs: int) -> Recipe:
+    """The inverter's settings: cosine over a fixed budget, no early stopping, last weights, no dropout seeding."""
+    return Recipe(loss=nn.functional.l1_loss, optimizer=AdamW(3e-3, 1e-4), schedule=Cosine(epochs),
+                  stopping=Stopping(epochs), batch_size=8, seed=1, shuffle_stream="inverter-shuffle",
+                  dropout_stream=None, metrics={"abs": lambda p, t: (p - t).abs().flatten(1).mean(1)})
+
+
+def test_the_map_settings_recover_a_planted_linear_map():
+    x, y, w, b = planted_affine(0, 400)
+    net = seeded(lambda: nn.Conv2d(C, C, 1))
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.0, batch_size=32, max_epochs=150, early_stop_patience=10,
+                      early_stop_min_delta=0.0, seed=0)
+    run = fit(net, map_recipe(cfg), Pairs(x[:320], y[:320]), Pairs(x[320:], y[320:]), progress=False)
+    w_hat, b_hat = run.net.weight.detach()[:, :, 0, 0], run.net.bias.detach()
+    assert (w_hat - w).abs().max() < 1e-4 and (b_hat - b).abs().max() < 1e-4, (w_hat - w).abs().max()
+    assert run.best_val_loss < 1e-3
+
+
+def test_the_inverter_settings_run_exactly_the_budget_and_keep_the_last_weights(tmp_path):
+    x, y, _, _ = planted_affine(1, 60)
+    noise = torch.randn(20, C, SIDE, SIDE, generator=torch.Generator().manual_seed(9))
+    ckpt = tmp_path / "run.partial.pt"
+    run = fit(seeded(inverter_net), inverter_recipe(7), Pairs(x[:40], y[:40]), Pairs(x[40:], noise),
+              checkpoint=ckpt, progress=False)  # validation targets are noise: it never improves much, and no matter
+    assert run.epochs == len(run.history) == 7 and run.resumed_from == 0
+    assert all(set(r) == {"train_loss", "val_loss", "val_abs"} for r in run.history)
+    last = torch.load(ckpt, weights_only=True)
+    assert all(torch.equal(v, last["net"][k]) for k, v in run.net.state_dict().items())
+    assert last["opt"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)  # annealed to zero at the end
+    without_val = fit(seeded(inverter_net), inverter_recipe(3), Pairs(x[:40], y[:40]), progress=False)
+    assert [set(r) for r in without_val.history] == [{"train_loss"}] * 3
+
+
+def test_early_stopping_stops_where_a_planted_validation_curve_stops_improving(monkeypatch):
+    x, y, _, _ = planted_affine(2, 80)
+    curve = [1.0, 0.8, 0.7, 0.69, 0.75, 0.9, 0.1, 0.1]  # improvements over min_delta 0.05 end at epoch 2
+    seen = []
+
+    def planted(net, data, loss, metrics, batch_size, device):
+        seen.append({k: v.clone() for k, v in net.state_dict().items()})
+        return {"loss": curve[len(seen) - 1]}
+
+    monkeypatch.setattr(loop, "_evaluate", planted)
+    cfg = TrainConfig(lr=1e-2, batch_size=16, max_epochs=len(curve), early_stop_patience=3,
+                      early_stop_min_delta=0.05, plateau_patience=100)
+    run = fit(seeded(map_net), map_recipe(cfg), Pairs(x[:60], y[:60]), Pairs(x[60:], y[60:]), progress=False)
+    assert run.epochs == 6 and run.best_epoch == 2 and run.best_val_loss == 0.7  # stopped 3 epochs after the best
+    assert [r["val_loss"] for r in run.history] == curve[:6]
+    assert all(torch.equal(v, seen[2][k]) for k, v in run.net.state_dict().items())  # the best epoch's weights
+
+
+@pytest.mark.parametrize("settings", ["map", "inverter"])
+def test_an_interrupted_run_resumes_to_the_very_weights_of_an_uninterrupted_one(tmp_path, monkeypatch, settings):
+    x, y, _, _ = planted_affine(3, 90)
+    train, val = Pairs(x[:65], y[:65]), Pairs(x[65:], y[65:])  # 65 = 4 x 16 + 1: a single-sample batch skipped
+    if settings == "map":
+        build, recipe = map_net, map_recipe(TrainConfig(lr=3e-3, batch_size=16, max_epochs=6, seed=4))
+    else:
+        build, recipe = inverter_net, inverter_recipe(6)
+    whole = fit(seeded(build), recipe, train, val, checkpoint=tmp_path / "whole.pt", progress=False)
+
+    real, writes = io.atomic_write, []
+
+    def killed_at_the_fourth_write(path, write):
+        writes.append(path)
+        if len(writes) == 4:
+            raise KeyboardInterrupt  # three epochs were checkpointed
+        real(path, write)
+
+    monkeypatch.setattr(io, "atomic_write", killed_at_the_fourth_write)
+    with pytest.raises(KeyboardInterrupt):
+        fit(seeded(build), recipe, train, val, checkpoint=tmp_path / "cut.pt", progress=False)
+    monkeypatch.setattr(io, "atomic_write", real)
+    torch.manual_seed(12345)  # whatever the global generator holds, the resumed run draws what the whole one drew
+    resumed = fit(seeded(build), recipe, train, val, checkpoint=tmp_path / "cut.pt", progress=False)
+    assert resumed.resumed_from == 3 and resumed.epochs == whole.epochs == 6
+    assert resumed.history == whole.history
+    for k, v in whole.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+
+
+def test_a_torn_checkpoint_is_discarded_and_the_run_starts_over(tmp_path):
+    x, y, _, _ = planted_affine(4, 40)
+    ckpt = tmp_path / "torn.partial.pt"
+    ckpt.write_bytes(b"PK\x03\x04 half a checkpoint")
+    run = fit(seeded(inverter_net), inverter_recipe(2), Pairs(x, y), checkpoint=ckpt, progress=False)
+    assert run.resumed_from == 0 and run.epochs == 2 and ckpt.is_file()
+
+
+class Recording(Strategy):
+    """A strategy that records every call, takes every other sample of a batch and makes every validation loss
+    worse than the last (whatever the network's), so that what the loop does can only come from it."""
+
+    world_size = 2
+    writes = False
+
+    def __init__(self):
+        self.calls, self.agreed = [], 0
+
+    def check(self, n_train):
+        self.calls.append(("check", n_train))
+
+    def prepare(self, net, device):
+        self.calls.append(("prepare",))
+        return net
+
+    def wrap(self, net, device):
+        self.calls.append(("wrap",))
+        return net
+
+    def dropout_key(self):
+        self.calls.append(("dropout_key",))
+        return ("fake rank",)
+
+    def share(self, idx):
+        self.calls.append(("share", len(idx)))
+        return idx[::2]
+
+    def weight(self, loss, mine, batch):
+        self.calls.append(("weight", len(mine), len(batch)))
+        return loss
+
+    def end_epoch(self, net):
+        self.calls.append(("end_epoch",))
+
+    def agree(self, value):
+        self.calls.append(("agree",))
+        self.agreed += 1
+        return {**value, "loss": float(self.agreed)}
+
+    def from_main(self, read):
+        self.calls.append(("from_main",))
+        return None  # the main process found nothing to resume: start fresh
+
+
+def test_the_loop_delegates_everything_process_specific_to_its_strategy(tmp_path):
+    x, y, _, _ = planted_affine(5, 50)
+    strategy = Recording()
+    cfg = TrainConfig(lr=1e-3, batch_size=16, max_epochs=10, early_stop_patience=2, plateau_patience=100)
+    ckpt = tmp_path / "never.partial.pt"
+    run = fit(seeded(map_net), map_recipe(cfg), Pairs(x[:40], y[:40]), Pairs(x[40:], y[40:]), strategy=strategy,
+              checkpoint=ckpt, progress=False)
+    assert strategy.calls[:4] == [("check", 40), ("prepare",), ("from_main",), ("wrap",)]
+    epoch = [("dropout_key",), ("share", 16), ("weight", 8, 16), ("share", 16), ("weight", 8, 16),
+             ("share", 8), ("weight", 4, 8), ("end_epoch",), ("agree",)]
+    assert strategy.calls[4:] == epoch * 3  # the agreed losses 1, 2, 3 never improve after the first: stop at 3
+    assert run.epochs == 3 and [r["val_loss"] for r in run.history] == [1.0, 2.0, 3.0] and run.best_epoch == 0
+    assert not ckpt.exists()  # this process does not write
+
+
+def test_the_two_strategies():
+    assert isinstance(strategy_for(None), SingleProcess) and isinstance(strategy_for(Context()), SingleProcess)
+    one, idx, loss = SingleProcess(), torch.arange(7), torch.tensor(2.0)
+    assert one.writes and one.share(idx) is idx and one.weight(loss, idx, idx) is loss and one.agree(3) == 3
+    second = strategy_for(Context(rank=1, world_size=2, backend="gloo"))
+    assert isinstance(second, DataParallel) and not second.writes and second.dropout_key() == (1,)
+    assert second.share(idx).tolist() == [1, 3, 5]
+    assert second.weight(loss, second.share(idx), idx).item() == pytest.approx(2.0 * 3 * 2 / 7)
+    with pytest.raises(ValueError, match="1 training pairs cannot be shared by 2 processes"):
+        second.check(1)
+
+
+def test_steering_settings_without_validation_are_refused():
+    x, y, _, _ = planted_affine(6, 10)
+    with pytest.raises(ValueError, match="needs a validation loss"):
+        fit(nn.Conv2d(C, C, 1), map_recipe(TrainConfig()), Pairs(x, y), progress=False)

@@ -78,7 +78,7 @@ def free_port() -> int:
 
 
 def npy_files(cache: Path) -> dict[str, Path]:
-    return {p.stem: p for p in cache.rglob("*.npy") if p.parent.name != "phash"}  # features only
+    return {p.stem: p for p in cache.rglob("*.npy") if "phash" not in p.relative_to(cache).parts}  # features
 
 
 @pytest.fixture(scope="module")

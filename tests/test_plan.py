@@ -117,3 +117,39 @@ def test_prepare_runs_the_layers_chapter(photo_dir, tmp_path, one_thread):
 
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["chapter"] == "layers" and summary["closed_form_fits"] == 2 * 2 * 1  # edits x layers x linear
+
+
+def test_poisoned_test_features_change_no_fit_no_choice_and_no_stopping(tiny, tmp_path, one_thread):
+    """Leakage check: replace every test photo's cached features with noise; the fitted maps, the chosen ridge
+    strength, the normaliser and early stopping (all decided on training and validation photos) do not move, while
+    the test scores do."""
+    import dataclasses
+    import shutil
+
+    import numpy as np
+
+    from featmap.features.store import FeatureCache
+    from featmap.run.chapter import prepare, run_chapter
+
+    clean = run_chapter(dataclasses.replace(tiny, chapter="clean"), write=False)
+    poisoned_dir = tmp_path / "poisoned"
+    shutil.copytree(tiny.cache_dir, poisoned_dir)
+    for folder in ("scores", "maps"):  # nothing cached downstream of the features: everything is refit
+        shutil.rmtree(poisoned_dir / folder, ignore_errors=True)
+    config = dataclasses.replace(tiny, chapter="poisoned", cache_dir=str(poisoned_dir))
+    _, split, store, manipulations = prepare(config)
+    cache, rng = FeatureCache(poisoned_dir), np.random.default_rng(0)
+    for view in split.views("test", config.train_views):
+        for manip in [None, *manipulations]:
+            for layer, spec in store.backbone.specs.items():
+                cache.put(store.key(view, manip, layer), rng.normal(size=spec.shape).astype(np.float16))
+    poisoned = run_chapter(config, write=False)
+
+    def rows(table, metrics):
+        return table[table.metric.isin(metrics)].set_index(["manipulation", "layer", "spatial", "mapping",
+                                                            "metric"])["value"].sort_index()
+
+    decided = ["ridge_alpha", "ridge_lambda", "epochs", "best_val_loss", "val_cos_mean", "n_params"]
+    pd.testing.assert_series_equal(rows(clean.table, decided), rows(poisoned.table, decided))
+    scored = rows(clean.table, ["cos_mean"]) - rows(poisoned.table, ["cos_mean"])
+    assert scored.abs().max() > 0.1  # the test scores did see the poison

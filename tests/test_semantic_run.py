@@ -49,7 +49,12 @@ def test_object_edits_run_on_the_photos_their_masks_allow_and_rerun_from_cache()
     timing = again.table.metric == "fit_seconds"
     pd.testing.assert_frame_equal(again.table[~timing].reset_index(drop=True),
                                   table[~timing].reset_index(drop=True))
-    assert lin.notna().all()
+    # claim 1's input: the linear map's paired gap over identity, on the same photos as its own score
+    gaps = table[table.metric == "cos_mean_gap_identity"].set_index("manipulation")
+    assert set(gaps.mapping) == {"linear"} and set(gaps.index) == set(lin.index)
+    assert np.allclose(gaps["value"], (lin - ident).reindex(gaps.index), atol=1e-5)  # the mean of the differences
+    assert (gaps["n"] == table[(table.metric == "cos_mean") & (table.mapping == "linear")].set_index(
+        "manipulation")["n"].reindex(gaps.index)).all()
 
 
 def _manifest(folder, photo_dir, rows_extra=""):

@@ -22,7 +22,8 @@ FAMILIES = ("geometric", "photometric", "masking")
 
 @dataclass(frozen=True)
 class Manipulation:
-    """A named image edit; ``grid_op`` is the exact feature-grid permutation for geometric edits."""
+    """A named image edit; ``grid_op`` is the matching feature-grid rotation/flip for geometric edits (exact on the
+    grid; how well it lines up with real features depends on the network's padding: see the layers chapter)."""
 
     name: str
     family: str
@@ -79,7 +80,7 @@ def rotation(degrees: int) -> Manipulation:
     """Returns a counter-clockwise rotation (PIL's direction) by a multiple of 90 degrees, lossless."""
     degrees = int(degrees)
     if degrees % 90:
-        raise ValueError(f"rotation angle must be a multiple of 90 degrees (exact grid permutation), got {degrees}")
+        raise ValueError(f"rotation angle must be a multiple of 90 degrees (a permutation of the grid), got {degrees}")
     k = degrees // 90 % 4
     return Manipulation(
         name=f"rotation_{degrees}", family="geometric", params=(degrees,),

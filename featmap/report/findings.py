@@ -54,7 +54,7 @@ def findings(table: pd.DataFrame, metric: str = "cos_mean") -> str:
         if len(common):
             gap = lin.loc[common] - best_global.loc[common]
             lines.append(f"- Shared linear map minus the better of the two transformers, on the {len(common)} cases "
-                         f"where both ran (geometric edits after the exact grid permutation, other edits as they "
+                         f"where both ran (geometric edits after the grid rotation/flip, other edits as they "
                          f"are): {gap.mean():+.3f} "
                          f"{metric} on average (range {gap.min():+.3f} to {gap.max():+.3f}); the linear map is ahead "
                          f"in {(gap > 0).sum()} of {len(common)}.")
@@ -81,7 +81,7 @@ def findings(table: pd.DataFrame, metric: str = "cos_mean") -> str:
     if not geo.empty:
         above, total, gain = _beats(data, "linear", "linear", "applied", "none")
         if total:
-            lines.append(f"- Geometric edits: applying the exact grid permutation before the linear map raises "
+            lines.append(f"- Geometric edits: applying the grid rotation/flip before the linear map raises "
                          f"{metric} by {gain:+.3f} on average (interval above the unpermuted map in {above} of "
                          f"{total} cases).")
     return "\n".join(lines)

@@ -52,6 +52,9 @@ def findings_lines(table: pd.DataFrame, min_effect_share: float = 0.1, tolerance
                      f"{_count(c2)}; the paired gap ranges from {gap.min():+.3f} to {gap.max():+.3f}.")
     agree = table[(table["metric"] == "top1_agree") & table["mapping"].isin(["identity", "linear"])]
     agree = comparable_rows(agree)
+    if agree.empty and len(table):
+        lines.append(f"No semantic-consistency rows: {', '.join(sorted(set(table['backbone'])))} has no classifier "
+                     "head here (or semantic_layers selects no layer), so predicted maps are not classified.")
     if len(agree):
         m = agree.groupby("mapping")["value"].mean()
         lines.append(f"Through the classifier tail, the linear map's prediction keeps the true manipulated map's top-1 "

@@ -206,3 +206,13 @@ def judge_sanity(table: pd.DataFrame, min_reextract: float = JUDGE_MIN_REEXTRACT
                     "target_lpips": mean("target", "lpips"), "unrelated_lpips": mean("unrelated", "lpips"),
                     "judge_ok": reext >= min_reextract and below, "why": "; ".join(w for w in why if w)})
     return pd.DataFrame(out, columns=cols)
+
+
+def misaligned_stages(layers: pd.DataFrame | None) -> list[tuple[str, str]]:
+    """Returns the (backbone, layer) stages where a shifted copy of the grid rotation/flip lines up with the edited
+    photo's features better than the plain operation (the layers chapter's ``align_plain_is_best`` rows): geometric
+    cases there are left out of depth trends."""
+    if layers is None or layers.empty:
+        return []
+    rows = layers[(layers["mapping"] == "grid_op") & (layers["metric"] == "align_plain_is_best")]
+    return sorted({(b, layer) for b, layer, v in zip(rows["backbone"], rows["layer"], rows["value"]) if v < 1})

@@ -25,10 +25,13 @@ test: $(STAMP) browser lint
 lint: $(STAMP)
 	$(BIN)/ruff check featmap tests bench scripts book
 
-# The browser test (tests/test_browser.py) opens the book in headless Chromium. Install Debian's where root
-# and apt-get allow; elsewhere say so and go on: that test then skips with the same message.
+# The browser test (tests/test_browser.py) opens the book in headless Chromium, driven by Playwright (pinned in
+# requirements.txt) through the system browser's path: `playwright install` is never needed and nothing is
+# downloaded but Debian's package. Install it where root and apt-get allow; elsewhere say so and go on: the
+# browser test then skips with the same message. (Any of chromium, chromium-browser, google-chrome on PATH will do.)
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	command -v google-chrome >/dev/null 2>&1 || \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "browser: installing Debian's chromium for the browser test"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

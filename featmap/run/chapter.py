@@ -47,6 +47,9 @@ class RunResult:
     extracted: int = 0
     # (manipulation, layer) -> {"original", "manipulated", "target", map label: uint8 (n, S, S, 3)}
     reconstructions: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
+    # (manipulation, layer, spatial, map) -> per test photo scores ({metric: (n,)}), in the order of ``tested``
+    per_photo: dict[tuple[str, str, str, str], dict[str, np.ndarray]] = field(default_factory=dict)
+    tested: dict[str, list[View]] = field(default_factory=dict)  # manipulation -> its test views
 
 
 def map_options(config: RunConfig, progress: bool = True) -> MapOptions:
@@ -340,11 +343,12 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
     plan = Plan.build(config, manipulations, store.backbone.layers, set(inverters),
                       semantics=getattr(store.backbone, "has_classifier", True))
     cache = ScoreCache(config.cache_dir)
-    rows, tails, reconstructions = [], {}, {}
+    rows, tails, reconstructions, per_photo, tested = [], {}, {}, {}, {}
     for manip, layer, cells in plan.groups():
         views = views_of(manip, parts)
         n_fit = len(views["train"])  # every map is fit on the training photos only
         group = CellScorer(config, store, manip, layer, views["test"], inverters.get(layer), tails)
+        tested[manip.name] = views["test"]
         ident = group.identity() if group.cacheable() else None
         semantics = any(c.semantics for c in cells)
         target = cache.get_or_compute(ident and {**ident, "target": semantics, "examples": n_examples},
@@ -367,6 +371,7 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
                 rows += got["rows"]
                 per_sample[mapping.name] = {k.removeprefix("score/"): v for k, v in got["arrays"].items()
                                             if k.startswith("score/")}
+                per_photo[manip.name, layer, cell.spatial, mapping.name] = per_sample[mapping.name]
                 if "image" in got["arrays"]:
                     label = mapping.name if cell.spatial == "none" else f"{mapping.name} ({cell.spatial})"
                     reconstructions[manip.name, layer][label] = got["arrays"]["image"]
@@ -375,7 +380,8 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
     table = pd.DataFrame(rows, columns=COLUMNS)
     if write:
         write_results(table, config.chapter)
-    return RunResult(config, table, split, images, store, manipulations, timings, extracted, reconstructions)
+    return RunResult(config, table, split, images, store, manipulations, timings, extracted, reconstructions,
+                     per_photo, tested)
 
 
 def example_images(result: RunResult, n_photos: int = 2,
@@ -398,4 +404,28 @@ def example_images(result: RunResult, n_photos: int = 2,
                 panels.append(("object mask", np.where(mask[..., None], original, original // 4).astype(np.uint8)))
         panels += [(m.name, result.store.image(view, m)) for m in result.manipulations]
         out.append((view.photo.id, panels))
+    return out
+
+
+def best_and_worst(result: RunResult, mapping: str = "linear", metric: str = "cos_mean",
+                   layer: str | None = None) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+    """Returns, per edit, the test photo where ``mapping`` scores best and the one where it scores worst on
+    ``metric`` at ``layer`` (default: the deepest) in the edit's comparable spatial mode, as plot_examples panels:
+    [(label, [(title, image), ...])] with the original and the edited photo and the score in the titles."""
+    layer = layer or result.store.backbone.layers[-1]
+    out = []
+    for manip in result.manipulations:
+        spatial = "applied" if manip.grid_op is not None else "none"
+        scores = result.per_photo.get((manip.name, layer, spatial, mapping), {}).get(metric)
+        views = result.tested.get(manip.name, [])
+        if scores is None or not len(views):
+            continue
+        finite = np.where(np.isfinite(scores))[0]
+        if not len(finite):
+            continue
+        for word, i in (("best", finite[np.argmax(scores[finite])]), ("worst", finite[np.argmin(scores[finite])])):
+            view = views[int(i)]
+            out.append((f"{manip.name}: {word}", [
+                ("original", result.store.image(view, None)),
+                (f"{manip.name}\n{mapping} {metric} {scores[i]:.2f}", result.store.image(view, manip))]))
     return out

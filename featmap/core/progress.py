@@ -10,6 +10,7 @@ import io
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from tqdm import TqdmWarning, tqdm
 
@@ -33,6 +34,7 @@ def stream():
     path = os.environ.get(PROGRESS_ENV)
     if path:
         if path not in _OPEN or _OPEN[path].closed:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             _OPEN[path] = open(path, "a", buffering=1, encoding="utf-8")
         return _OPEN[path]
     return None if _in_kernel() else sys.stderr

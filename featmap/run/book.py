@@ -78,7 +78,7 @@ def run_book(chapters: list[str], book: Path, stage: Path, timings: Path | None 
     import papermill as pm
 
     (stage / "book").mkdir(parents=True, exist_ok=True)
-    progress = stage / "progress"
+    progress = (stage / "progress").resolve()  # absolute: the kernels run in stage/book
     progress.mkdir(exist_ok=True)
     seconds = {}
     for chapter in chapters:

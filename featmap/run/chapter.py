@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from featmap.core.progress import bar as progress_bar
 from featmap.core.seeding import derive_seed
 from featmap.core.table import COLUMNS, row, sample_rows, write_results
 from featmap.data.images import ImageSet, Split, View, to_uint8_images
@@ -344,6 +345,7 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
                       semantics=getattr(store.backbone, "has_classifier", True))
     cache = ScoreCache(config.cache_dir)
     rows, tails, reconstructions, per_photo, tested = [], {}, {}, {}, {}
+    bar = progress_bar(total=len(plan.fits()), desc=f"{config.chapter}: fitting and scoring maps", unit="fit")
     for manip, layer, cells in plan.groups():
         views = views_of(manip, parts)
         n_fit = len(views["train"])  # every map is fit on the training photos only
@@ -375,7 +377,9 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
                 if "image" in got["arrays"]:
                     label = mapping.name if cell.spatial == "none" else f"{mapping.name} ({cell.spatial})"
                     reconstructions[manip.name, layer][label] = got["arrays"]["image"]
+                bar.update(1)
             rows += gap_rows(base, per_sample, config.bootstrap, config.seed)
+    bar.close()
     timings["scores_cached"], timings["scores_computed"] = cache.hits, cache.computed
     table = pd.DataFrame(rows, columns=COLUMNS)
     if write:

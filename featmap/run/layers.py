@@ -6,6 +6,7 @@ import dataclasses
 import pandas as pd
 import torch
 
+from featmap.core.progress import bar as progress_bar
 from featmap.core.table import COLUMNS, row, sample_rows, write_results
 from featmap.features.backbone import create_model
 from featmap.maps.base import MapOptions
@@ -110,7 +111,9 @@ def run_layers(config: RunConfig, control: str | None = "random", ranks=DEFAULT_
         parts = {part: split.views(part, cfg.train_views) for part in ("train", "val", "test")}
         extract(store, parts, manipulations)
         label = backbone_label(config, weights)
-        for cell in Plan.build(cfg, manipulations, store.backbone.layers, semantics=False).cells:
+        cells = Plan.build(cfg, manipulations, store.backbone.layers, semantics=False).cells
+        bar = progress_bar(total=len(cells), desc=f"layers ({label}): fitting linear maps", unit="cell")
+        for cell in cells:
             views = views_of(cell.manipulation, parts)
             keys = {part: [[store.key(v, None, cell.layer), store.key(v, cell.manipulation, cell.layer)]
                            for v in vs] for part, vs in views.items()}
@@ -118,6 +121,8 @@ def run_layers(config: RunConfig, control: str | None = "random", ranks=DEFAULT_
                         "ridge": cfg.ridge, "label": label, "ranks": list(ranks), "bootstrap": cfg.bootstrap,
                         "seed": cfg.seed}
             rows += cache.get_or_compute(identity, lambda: _layer_rows(cfg, store, cell, views, label, ranks))["rows"]
+            bar.update(1)
+        bar.close()
     table = pd.DataFrame(rows, columns=COLUMNS)
     if write:
         write_results(table, config.chapter)

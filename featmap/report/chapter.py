@@ -240,8 +240,9 @@ def layer_findings_lines(table: pd.DataFrame) -> list[str]:
         lines.append(f"The change W - I has lower effective rank than its noise floor (the same fit on pairs whose "
                      f"change belongs to another photo) in {low} of {n} cases.")
     edges = auto[(auto["metric"] == "delta_bias_share") & auto["edge_alpha"].astype(bool)]
-    lines.append(f"{len(edges)} fits chose the largest ridge strength of the grid (their geometry is the prior's "
-                 "as much as the data's; the fixed-alpha rows beside them are not)." if len(edges) else
+    lines.append(f"{len(edges)} fit{'s' if len(edges) > 1 else ''} chose the largest ridge strength of the grid "
+                 "(the geometry there is the prior's as much as the data's; the fixed-alpha rows beside are not)."
+                 if len(edges) else
                  "No fit chose a ridge strength at the grid's edge.")
     align = trained[(trained["mapping"] == "grid_op") & (trained["metric"] == "align_plain_is_best")]
     if len(align):

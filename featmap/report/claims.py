@@ -138,7 +138,8 @@ def claim_geometry(layers: pd.DataFrame | None) -> Claim:
     below = low_rank_share(geo)
     edges = int(auto[auto["metric"] == "delta_bias_share"]["edge_alpha_cases"].sum()) if len(auto) else 0
     text = (f"{len(set(geo['layer']))} layers x {len(set(geo['manipulation']))} edits; delta erank below its "
-            f"noise floor in {below[0]} of {below[1]} cases; {edges} fits chose alpha at the grid's edge")
+            f"noise floor in {below[0]} of {below[1]} cases; {edges} fit{'' if edges == 1 else 's'} chose alpha at the "
+            "grid's edge")
     return Claim(3, DESCRIBED, text, summary, counts=pd.DataFrame())
 
 

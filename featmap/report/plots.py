@@ -201,11 +201,11 @@ OUTCOME_COLOURS = {"holds": "#029e73", "does not hold": "#d55e00", "inconclusive
 def plot_outcomes(counts: dict[str, pd.DataFrame], height: float = 0.42):
     """Returns a figure: per claim and family, how many cases hold, do not hold or are inconclusive (stacked
     bars); ``counts``: {claim label: ``verdicts.count_outcomes`` frame} (its ``overall`` row is left out)."""
-    rows = [(label, r["family"], r) for label, c in counts.items() for r in c.to_dict("records")
-            if r["family"] != "overall" and r["cases"]]
+    rows = [(f"{label} ({r['metric']})" if "metric" in r else label, r["family"], r)
+            for label, c in counts.items() for r in c.to_dict("records") if r["family"] != "overall" and r["cases"]]
     if not rows:
         raise ValueError("no cases to plot: no claim was measured")
-    fig, ax = plt.subplots(figsize=(8, 0.9 + height * len(rows)))
+    fig, ax = plt.subplots(figsize=(8.5, 0.9 + height * len(rows)))
     labels = [f"{label} · {family}" for label, family, _ in rows]
     left = np.zeros(len(rows))
     for outcome, colour in OUTCOME_COLOURS.items():

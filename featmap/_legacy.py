@@ -38,7 +38,6 @@ MOVED = {
     "layerwise": ["run.layers", "report.trends"],
     "config": ["run.config"],
     "claims": ["report.claims"],
-    "report": ["report.findings"],
     "plots": ["report.plots"],
 }
 

@@ -74,12 +74,19 @@ def test_every_table_metric_has_its_direction_in_the_registry():
 def test_the_best_map_follows_the_metric_direction():
     import pandas as pd
 
-    from featmap.report.findings import findings
+    from featmap.report.verdicts import claim_learnable
 
-    rows = [{"family": "masking", "manipulation": "m", "backbone": "b", "layer": "l", "spatial": "none",
-             "mapping": name, "metric": "rel_err", "value": v, "n": 3, "ci_low": v - 0.01, "ci_high": v + 0.01}
-            for name, v in (("identity", 0.9), ("linear", 0.2), ("mlp", 0.5))]
-    assert "linear 1x" in findings(pd.DataFrame(rows), "rel_err")  # lower error is better: the linear map
+    rows = []
+    for name, v in (("identity", 0.9), ("linear", 0.2), ("mlp", 0.5)):  # rel_err: lower is better
+        base = {"family": "masking", "manipulation": "m", "backbone": "b", "layer": "l", "spatial": "none",
+                "mapping": name, "n": 3}
+        rows += [{**base, "metric": "rel_err", "value": v, "ci_low": v - 0.01, "ci_high": v + 0.01},
+                 {**base, "metric": "val_rel_err", "value": v, "ci_low": v - 0.01, "ci_high": v + 0.01}]
+        if name != "identity":
+            rows.append({**base, "metric": "rel_err_gap_identity", "value": v - 0.9, "ci_low": v - 0.91,
+                         "ci_high": v - 0.89})
+    cases = claim_learnable(pd.DataFrame(rows), "rel_err", "linear").cases
+    assert cases.loc[0, "best_map_val"] == "linear" and cases.loc[0, "gain"] > 0  # lower error is the gain
 
 
 def test_the_old_flat_import_paths_keep_working():

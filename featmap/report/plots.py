@@ -9,11 +9,6 @@ import seaborn as sns
 from featmap.core.table import comparable_rows
 
 
-def map_label(table: pd.DataFrame) -> pd.Series:
-    """Returns 'mapping' or 'mapping (spatial applied)' per row: one colour per fitted variant."""
-    return table["mapping"].where(table["spatial"] == "none", table["mapping"] + " (" + table["spatial"] + ")")
-
-
 def plot_examples(examples: list[tuple[str, list[tuple[str, np.ndarray]]]], scale: float = 1.6):
     """Returns a figure: one row per photo, original then each manipulated version."""
     n_rows, n_cols = len(examples), max(len(p) for _, p in examples)
@@ -28,45 +23,6 @@ def plot_examples(examples: list[tuple[str, list[tuple[str, np.ndarray]]]], scal
                         ha="right", va="center", fontsize=7)
     fig.tight_layout()
     return fig
-
-
-def plot_metric(table: pd.DataFrame, metric: str = "cos_mean", height: float = 3.2):
-    """Returns a seaborn grid (one panel per layer): mean metric per manipulation and mapping, 95% CI bars.
-
-    The identity map's value is drawn as a grey bar behind the points: the floor to beat.
-    """
-    data = table[table["metric"] == metric].copy()
-    if data.empty:
-        raise ValueError(f"no {metric!r} rows in the table; metrics present: {sorted(table['metric'].unique())}")
-    data["map"] = map_label(data)
-    manips = list(dict.fromkeys(data["manipulation"]))
-    variants = list(dict.fromkeys(data["map"]))
-    palette = dict(zip(variants, sns.color_palette("colorblind", len(variants))))
-    wide = len(manips) > 5  # many manipulations: one panel per row keeps the labels readable
-    grid = sns.FacetGrid(data, col="layer", col_wrap=1 if wide else None, height=height,
-                         aspect=max(1.2, len(manips) / (2 if wide else 4)), sharey=True)
-
-    def draw(data, color=None, **_):
-        ax = plt.gca()
-        width = 0.8 / max(1, len(variants))
-        floor = data[data["map"] == "identity"].set_index("manipulation")["value"]
-        ax.bar([manips.index(m) for m in floor.index], floor.values, width=0.9, color="0.88", zorder=0,
-               label="identity (floor)")
-        for i, v in enumerate(variants):
-            d = data[data["map"] == v]
-            x = np.array([manips.index(m) for m in d["manipulation"]]) - 0.4 + width * (i + 0.5)
-            err = np.vstack([d["value"] - d["ci_low"], d["ci_high"] - d["value"]]).clip(min=0)
-            ax.errorbar(x, d["value"], yerr=np.nan_to_num(err), fmt="o", ms=4, color=palette[v], label=v, capsize=2)
-        ax.set_xticks(range(len(manips)))
-        ax.set_xticklabels(manips, rotation=45, ha="right", fontsize=8)
-
-    grid.map_dataframe(draw)
-    grid.set_axis_labels("", f"{metric} (test photos, 95% CI)")
-    handles, labels = grid.axes.flat[0].get_legend_handles_labels()
-    grid.figure.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), frameon=False,
-                       bbox_to_anchor=(0.5, 1.0 + 0.12 / (len(grid.axes.flat) if wide else 1)))
-    grid.figure.tight_layout()
-    return grid
 
 
 def plot_cost(table: pd.DataFrame, metric: str = "cos_mean", layer: str | None = None, height: float = 3.4):

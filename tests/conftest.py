@@ -51,6 +51,17 @@ def lite0():
     return Backbone("tf_efficientnet_lite0", ["blocks.4", "blocks.6"])
 
 
+@pytest.fixture(scope="module")
+def module_one_thread():
+    """One torch thread for a whole test module (a module of many small torch tests)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread: on a busy 2-core machine two threads make small batches many times slower."""

@@ -16,14 +16,7 @@ from featmap.features.backbone import (
     rename_lite_keys,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On a shared 2-core machine one torch thread is far faster than two fighting over a busy core.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_one_thread")  # one torch thread: the machine is shared
 
 
 def test_wheel_weights_classify_real_imagenet_photos(lite0):

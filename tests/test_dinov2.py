@@ -30,13 +30,7 @@ d = _load_module()
 GRID = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On a shared 2-core machine one torch thread is far faster than two fighting over a busy core.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_one_thread")  # one torch thread: the machine is shared
 
 
 @pytest.fixture(scope="module")

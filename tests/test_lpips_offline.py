@@ -25,13 +25,7 @@ SHIFT = np.array([-0.030, -0.088, -0.188])
 SCALE = np.array([0.458, 0.448, 0.450])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: the machine is shared, and on a busy 2-core box more threads are slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_one_thread")  # one torch thread: the machine is shared
 
 
 def _photo(array: np.ndarray, size: int = SIZE) -> np.ndarray:

@@ -141,6 +141,17 @@ def _split(out: pd.DataFrame, controls: Iterable[str]) -> Split:
     return Split(out[~is_control].reset_index(drop=True), out[is_control].reset_index(drop=True))
 
 
+def _oriented_gaps(gaps: pd.DataFrame, names: dict[str, str], mapping: str, sign: float) -> pd.DataFrame:
+    """Returns ``mapping``'s gap rows (one per case and metric) with the global map each compares against
+    (``versus``), turned so that higher is better, and ``_rank``: the lower end of the interval (a gap without an
+    interval ranks lowest, so it decides)."""
+    _unique(gaps, KEY + ["metric"], f"{mapping} gap")
+    gaps["versus"] = gaps["metric"].map(names)
+    gaps["gap"], gaps["ci_low"], gaps["ci_high"] = _orient(gaps["value"], gaps["ci_low"], gaps["ci_high"], sign)
+    gaps["_rank"] = gaps["ci_low"].fillna(-np.inf)
+    return gaps
+
+
 def _filtered(table: pd.DataFrame, keep: Callable[[pd.DataFrame], pd.DataFrame] | None) -> pd.DataFrame:
     return table if keep is None else keep(table)
 
@@ -280,10 +291,7 @@ def claim_linear_close(table: pd.DataFrame, metric: str = "cos_mean", tolerance:
     gaps = data[data["metric"].isin(list(names)) & (data["mapping"] == mapping)].copy()
     if gaps.empty:
         return Split(pd.DataFrame(columns=columns), pd.DataFrame(columns=columns))
-    _unique(gaps, KEY + ["metric"], f"{mapping} gap")
-    gaps["versus"] = gaps["metric"].map(names)
-    gaps["gap"], gaps["ci_low"], gaps["ci_high"] = _orient(gaps["value"], gaps["ci_low"], gaps["ci_high"], sign)
-    gaps["_rank"] = gaps["ci_low"].fillna(-np.inf)
+    gaps = _oriented_gaps(gaps, names, mapping, sign)
     ordered = gaps.sort_values(KEY + ["_rank", "versus"], na_position="first")
     hardest = ordered.drop_duplicates(KEY).set_index(KEY)
     out = hardest[["versus", "gap", "ci_low", "ci_high", "n"]].copy()
@@ -461,10 +469,7 @@ def depth_gap_trend(table: pd.DataFrame, metric: str = "cos_mean", global_maps: 
                          "diff_high", "reversal", "outcome", "note"]
     if gaps.empty:
         return Trend(pd.DataFrame(columns=per_cols), pd.DataFrame(columns=trend_cols))
-    _unique(gaps, KEY + ["metric"], f"{mapping} gap")
-    gaps["versus"] = gaps["metric"].map(names)
-    gaps["gap"], gaps["ci_low"], gaps["ci_high"] = _orient(gaps["value"], gaps["ci_low"], gaps["ci_high"], sign)
-    gaps["_rank"] = gaps["ci_low"].fillna(-np.inf)
+    gaps = _oriented_gaps(gaps, names, mapping, sign)
     per = gaps.sort_values(KEY + ["_rank", "versus"]).drop_duplicates(KEY).copy()
     per["depth"] = per["layer"].map({name: i for i, name in enumerate(order)})
     per = per.sort_values(case + ["depth"])[per_cols].reset_index(drop=True)

@@ -115,6 +115,12 @@ def lower_is_better(metric: str) -> bool:
 comparable = comparable_rows
 
 
+def _sign(metric: str, higher_is_better: bool | None) -> float:
+    """Returns +1 when larger ``metric`` values are better (from the registry unless given), else -1."""
+    lower = lower_is_better(metric) if higher_is_better is None else not higher_is_better
+    return -1.0 if lower else 1.0
+
+
 def _is_control(manipulation: pd.Series, controls: Iterable[str]) -> pd.Series:
     controls = tuple(controls)
     return manipulation.map(lambda m: any(m == c or str(m).startswith(c + "_") for c in controls)).astype(bool)
@@ -190,7 +196,7 @@ def claim_learnable(table: pd.DataFrame, metric: str = "cos_mean", mapping: str 
     Partner-based edits (``controls``: the names, or names followed by ``_...``) are computed the same way
     and returned in ``controls``, never in ``cases``.
     """
-    sign = -1.0 if (lower_is_better(metric) if higher_is_better is None else not higher_is_better) else 1.0
+    sign = _sign(metric, higher_is_better)
     bound = (1.0 if sign > 0 else 0.0) if bound is None else float(bound)
     data = _filtered(table, keep)
     ident = _unique(data[(data["mapping"] == "identity") & (data["metric"] == metric)], KEY, f"identity {metric}")
@@ -282,7 +288,7 @@ def claim_linear_close(table: pd.DataFrame, metric: str = "cos_mean", tolerance:
     Partner-based edits go to ``controls``.
     """
     global_maps = tuple(global_maps)
-    sign = -1.0 if (lower_is_better(metric) if higher_is_better is None else not higher_is_better) else 1.0
+    sign = _sign(metric, higher_is_better)
     data = _filtered(table, keep)
     names = {f"{metric}_gap_{g}": g for g in global_maps}
     budget_cols = [f"{g}_{b}" for g in global_maps for b in budget_metrics]
@@ -455,7 +461,7 @@ def depth_gap_trend(table: pd.DataFrame, metric: str = "cos_mean", global_maps: 
     reversal: the rise is not monotone). Fewer than ``min_layers`` layers: inconclusive.
     """
     global_maps = tuple(global_maps)
-    sign = -1.0 if (lower_is_better(metric) if higher_is_better is None else not higher_is_better) else 1.0
+    sign = _sign(metric, higher_is_better)
     order = list(dict.fromkeys(layer_order if layer_order is not None else table["layer"]))
     data = _filtered(table, keep)
     data = data[~_is_control(data["manipulation"], controls)] if len(data) else data

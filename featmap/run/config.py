@@ -34,11 +34,10 @@ def module_order(backbone: str) -> tuple[str, ...]:
     import timm
     import torch
 
-    from featmap.features.backbone import ALIASES
+    from featmap.features.backbone import ALIASES, _check_name
 
+    _check_name(backbone)  # the backbone's own check: unknown names list similar ones
     name = ALIASES[backbone].architecture if backbone in ALIASES else backbone
-    if name not in timm.list_models():
-        raise ValueError(f"unknown backbone {backbone!r}: not a timm model name nor one of {', '.join(ALIASES)}")
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False)
     return tuple(n for n, _ in model.named_modules() if n)

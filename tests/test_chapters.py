@@ -248,6 +248,42 @@ def test_semantic_rows_match_the_full_models_own_predictions(photo_dir, tmp_path
     assert "top1_acc" not in set(unlabelled.metric) and "top1_agree" in set(unlabelled.metric)
 
 
+def test_image_space_scores_each_photo_against_its_own_map(photo_dir):
+    """With fewer image-scored photos than test photos (a seeded subset that leaves out the first test photo), each
+    reconstruction of a true map is compared with the photo that map belongs to: an oracle inverter that returns
+    the photo a map came from scores the target perfectly, and the figures pair each photo with its own images."""
+    from featmap.data.images import to_uint8_images
+    from featmap.run.chapter import image_subset, prepare
+    from featmap.score.inversion import CallableInverter
+
+    for seed in range(20):  # a seed whose subset is not simply the first test photo
+        config = small_config(photo_dir, manipulations=["grayscale"], mappings=["identity"], image_layers="last",
+                              image_mappings=["identity"], image_photos=1, seed=seed)
+        _, split, store, manipulations = prepare(config)
+        test = split.views("test", 1)
+        if image_subset(test, 1, seed)[0].key != test[0].key:
+            break
+    else:
+        pytest.fail("no seed in 0..19 draws another photo than the first: the test photos are too few")
+    manip = manipulations[0]
+    store.ensure(test, [None, manip])
+    maps = store.load(test, manip, "blocks.6").float()
+    photos = torch.from_numpy(to_uint8_images(np.stack([store.image(v, manip) for v in test]), 32))
+    originals = torch.from_numpy(to_uint8_images(np.stack([store.image(v, None) for v in test]), 32))
+
+    def oracle(feats):  # the photo whose true manipulated map is nearest
+        return photos[torch.cdist(feats.flatten(1), maps.flatten(1)).argmin(1)].permute(0, 3, 1, 2).float() / 255
+
+    result = run_chapter(config, inverters={"blocks.6": CallableInverter(oracle, "blocks.6", 32)})
+    table = result.table
+    target = table[(table.mapping == "target") & (table.metric == "ssim")]
+    assert len(target) == 1 and target.value.iloc[0] == pytest.approx(1.0) and target.n.iloc[0] == 1
+    panels = result.reconstructions["grayscale", "blocks.6"]
+    assert np.array_equal(panels["target"], panels["manipulated"])
+    chosen = next(i for i, v in enumerate(test) if v.key == image_subset(test, 1, seed)[0].key)
+    assert np.array_equal(panels["original"][0], originals[chosen].numpy())
+
+
 def test_image_space_rows_with_a_planted_inverter(photo_dir):
     """An inverter that paints every map the same grey: every reconstruction equals the target's (SSIM 1,
     ST-LPIPS 0 against it), and the scores against the manipulated image are those of a grey image."""

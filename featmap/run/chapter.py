@@ -186,6 +186,9 @@ class CellScorer:
         self.config, self.store, self.manip, self.layer, self.test = config, store, manip, layer, test
         self.inverter, self._tails = inverter, tails
         self.image_views = image_subset(test, config.image_photos, config.seed)
+        chosen = {v.key for v in self.image_views}
+        # where the image-scored photos sit among the test photos: their maps are y_test[image_index]
+        self.image_index = torch.tensor([i for i, v in enumerate(test) if v.key in chosen], dtype=torch.long)
         self._built: dict = {}
 
     def identity(self) -> dict:
@@ -242,7 +245,7 @@ class CellScorer:
         return self._get("imager", lambda: ImageScorer(
             self.inverter, self.store.backbone, self.layer,
             np.stack([self.store.image(v, self.manip) for v in self.image_views]),
-            self.y_test[:len(self.image_views)], batch_size=self.config.batch_size))
+            self.y_test[self.image_index], batch_size=self.config.batch_size))
 
 
 def _row_base(config: RunConfig, manip, layer: str, spatial: str, mapping: str) -> dict:
@@ -265,7 +268,7 @@ def _target_scores(config: RunConfig, group: CellScorer, semantics: bool, n_exam
         rows += [sample_rows(unrelated, metric, values, config.bootstrap, config.seed)
                  for metric, values in imager.unrelated_scores().items()]
         arrays = {"image/original": to_uint8_images(
-            np.stack([group.store.image(v, None) for v in group.test[:n_examples]]), imager.size),
+            np.stack([group.store.image(v, None) for v in group.image_views[:n_examples]]), imager.size),
             "image/manipulated": imager.reference[:n_examples], "image/target": imager.target[:n_examples]}
     return {"rows": rows, "arrays": arrays}
 
@@ -293,8 +296,9 @@ def _map_scores(config: RunConfig, group: CellScorer, cell: Cell, mapping: Mappi
     if mapping.name in cell.images:
         t1 = time.perf_counter()
         imager = group.imager
-        scores.update(imager.scores(pred[:len(imager.reference)]))
-        arrays["image"] = imager.reconstruct(pred[:n_examples])
+        pred_imaged = pred[group.image_index]  # the image-scored photos' predictions, in the imager's order
+        scores.update(imager.scores(pred_imaged))
+        arrays["image"] = imager.reconstruct(pred_imaged[:n_examples])
         timings["image_seconds"] += time.perf_counter() - t1
     rows += [r for metric, values in scores.items()
              for r in finite_rows(b, metric, values, config.bootstrap, config.seed)]

@@ -15,7 +15,7 @@ import numpy as np
 from featmap.core.io import cached, content_key, default_cache_dir
 
 # Raise when what a cached score means changes (a metric's definition, a new row): old entries are then misses.
-SCORES_VERSION = 3
+SCORES_VERSION = 4
 
 
 class ScoreCache:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from featmap.maps.base import MAPPINGS, FitData, Mapping
-from featmap.maps.stats import RIDGE_GRID, LinearStats, PositionStats, fit_ridge, select_ridge
+from featmap.maps.stats import RIDGE_GRID, LinearStats, PositionStats, RidgeSolver, fit_ridge, select_ridge
 
 
 class Identity(Mapping):
@@ -62,9 +62,11 @@ class Linear(Mapping):
 
     def fit(self, data: FitData) -> "Linear":
         train, val = self._stats(data, "train"), self._stats(data, "val")
-        self.alpha, self.val_errors = select_ridge(self.options.ridge, train, val)
+        auto = self.options.ridge == "auto" and val is not None and val.n > 0
+        solver = RidgeSolver(train) if auto else None  # one eigendecomposition for the whole grid and the fit
+        self.alpha, self.val_errors = select_ridge(self.options.ridge, train, val, solver)
         self.lam = self.alpha * train.mean_eigenvalue
-        coef = fit_ridge(train, self.lam)
+        coef = fit_ridge(train, self.lam) if solver is None else solver.coef(self.lam)
         self.weight = coef[..., :-1, :].transpose(-1, -2).float().contiguous()  # (C_out, C_in), per position
         self.bias = coef[..., -1, :].float()
         return self

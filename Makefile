@@ -45,11 +45,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 # Run each chapter with papermill into a staging copy of the book (progress and times in the terminal, never in
-# the pages), then render it (execution off).
+# the pages), then render it (execution off). Independent chapters run side by side, one per core (at most three;
+# make book JOBS=1 runs them one after another), each with cores / JOBS torch threads; summary and intro run last.
 book: $(STAMP)
 	rm -rf $(STAGE) && mkdir -p $(STAGE)/book
 	cp _config.yml _toc.yml $(STAGE)/ && cp -r book/_ext $(STAGE)/book/
-	$(BIN)/python -m featmap book $(STAGE) $(NOTEBOOKS)
+	$(BIN)/python -m featmap book $(STAGE) $(NOTEBOOKS) $(if $(JOBS),--jobs $(JOBS)) --json _build/book-timings.json
 	$(BIN)/jupyter-book build $(STAGE) --path-output . --warningiserror --keep-going
 	@echo "book: $(CURDIR)/_build/html/index.html"
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -130,7 +129,7 @@ def _small_book_probe():
     def print_figure(self, *args, **kwargs):
         shell = get_ipython()
         cells = shell.history_manager.input_hist_raw if shell else [""]
-        record = {"page": _os.environ.get("SMALL_BOOK_PAGE"), "cell": len(cells),  # the cell running now
+        record = {"page": "book/" + _os.environ.get("FEATMAP_BOOK_CHAPTER", "?"), "cell": len(cells),  # the cell now
                   "source": (cells[-1].strip().splitlines() or [""])[0][:100],
                   "figure": id(self.figure), "axes": len(self.figure.axes)}
         try:
@@ -177,17 +176,6 @@ def chapter_parameters(chapter: str, photos: Path) -> dict:
     return {k: v for k, v in wanted.items() if k in takes and v != "chapter default"}
 
 
-def run_order(files: list[str]) -> list[str]:
-    """Returns the notebooks of ``files`` in the order ``make book`` runs them (its NOTEBOOKS), the rest after
-    in reading order: a page that reads other chapters' results (the summary, a computed landing page) runs last."""
-    notebooks = [f for f in files if (REPO / f"{f}.ipynb").is_file()]
-    listed = re.search(r"^NOTEBOOKS\s*:?=\s*(.*)$", (REPO / "Makefile").read_text(), re.M)
-    order = listed.group(1).split() if listed else []
-    by_name = {Path(f).name: f for f in notebooks}
-    first = [by_name[n] for n in order if n in by_name]
-    return first + [f for f in notebooks if f not in first]
-
-
 @dataclass
 class SmallBook:
     root: Path
@@ -224,30 +212,14 @@ class SmallBook:
 SMALL_BOOKS: list[SmallBook] = []  # every small book built in this test run: one (the tests share it)
 
 
-def _fold_injected_parameters(path: Path) -> None:
-    """Gives papermill's injected-parameters cell the parameters cell's hide-/remove- tags: ``make book`` passes
-    no parameters (no injected cell), so the small book's pages look like the real book's."""
-    nb = json.loads(path.read_text())
-    cells = nb["cells"]
-    tags = [c.get("metadata", {}).get("tags", []) for c in cells]
-    fold = next((
-        [t for t in tt if t.startswith(("hide-", "remove-"))] for tt in tags if "parameters" in tt), [])
-    changed = False
-    for cell, tt in zip(cells, tags):
-        if "injected-parameters" in tt and fold and not set(fold) <= set(tt):
-            cell.setdefault("metadata", {})["tags"] = tt + [t for t in fold if t not in tt]
-            changed = True
-    if changed:
-        path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
-
-
 @pytest.fixture(scope="session")
 def small_book(tmp_path_factory, photo_dir) -> SmallBook:
-    """Runs every notebook of _toc.yml on tiny parameters (in ``make book``'s order, into a staging copy with its
-    own cache and results) and renders it with jupyter-book, once per test run. A chapter that fails is recorded
-    (``failed``) and the others still run, so one broken chapter does not hide the state of the rest."""
-    import papermill as pm
+    """Runs every notebook of _toc.yml on tiny parameters (with ``make book``'s runner, two chapters at once, into a
+    staging copy with its own cache and results) and renders it with jupyter-book, once per test run. A chapter that
+    fails is recorded (``failed``) and the others still run, so one broken chapter does not hide the rest's state."""
     import yaml
+
+    from featmap.run.book import run_book
 
     start = time.monotonic()
     root = tmp_path_factory.mktemp("small_book")
@@ -265,25 +237,16 @@ def small_book(tmp_path_factory, photo_dir) -> SmallBook:
     startup = root / "ipython" / "profile_default" / "startup"
     startup.mkdir(parents=True)
     (startup / "00-figure-probe.py").write_text(FIGURE_PROBE)
-    with pytest.MonkeyPatch.context() as env:  # the kernels inherit these: nothing touches the real caches
-        env.setenv("FEATMAP_CACHE", str(root / "cache"))
-        env.setenv("FEATMAP_RESULTS", str(book.results))
-        env.setenv("IPYTHONDIR", str(root / "ipython"))  # a fresh IPython profile whose startup runs the probe
-        env.setenv("SMALL_BOOK_FIGURES", str(book.figures_log))
-        for page in run_order(files):
-            chapter = Path(page).name
-            env.setenv("SMALL_BOOK_PAGE", page)
-            book.parameters[chapter] = chapter_parameters(chapter, photo_dir)
-            out = stage / f"{page}.ipynb"
-            began = time.monotonic()
-            try:
-                pm.execute_notebook(str(REPO / f"{page}.ipynb"), str(out), cwd=str(stage / "book"),
-                                    parameters=book.parameters[chapter], progress_bar=False)
-            except pm.PapermillExecutionError as error:
-                book.failed[chapter] = f"{error.ename}: {error.evalue} (cell {error.exec_count})"
-            book.seconds[chapter] = time.monotonic() - began
-            if out.is_file():
-                _fold_injected_parameters(out)
+    notebooks = [Path(page).name for page in files if (REPO / f"{page}.ipynb").is_file()]
+    book.parameters = {chapter: chapter_parameters(chapter, photo_dir) for chapter in notebooks}
+    # make book's own runner, two chapters at once; the kernels get these: nothing touches the real caches
+    env = {"FEATMAP_CACHE": str(root / "cache"), "FEATMAP_RESULTS": str(book.results),
+           "IPYTHONDIR": str(root / "ipython"),  # a fresh IPython profile whose startup runs the probe
+           "SMALL_BOOK_FIGURES": str(book.figures_log)}
+    run = run_book(notebooks, REPO / "book", stage, jobs=2, parameters=book.parameters, env=env, keep_going=True)
+    book.seconds.update(run.seconds)
+    book.seconds["chapters, wall"] = run.wall
+    book.failed.update(run.failed)
     (stage / "book" / "math_probe.md").write_text(MATH_PROBE)  # the book may have no math of its own
     toc.setdefault("chapters", []).append({"file": "book/math_probe"})
     (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))

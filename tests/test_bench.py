@@ -119,34 +119,67 @@ def test_the_bench_writes_every_figure(photo_dir, tmp_path, restore_threads):
     assert results["book"]["total"]["threads_seen"] == [1]  # the bench's thread policy reached the chapters
 
 
-def test_the_book_runner_writes_its_timings(tmp_path, monkeypatch):
-    """``python -m featmap book STAGE CHAPTER ... --json PATH`` writes the seconds of every chapter that ran, also
-    when one fails (papermill replaced by a stand-in that writes an empty notebook: nothing runs here)."""
+def _tiny_notebook(path: Path, source: str) -> None:
     import nbformat
-    import papermill
 
-    from featmap.run.book import main
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("label = 'default'", metadata={"tags": ["parameters", "hide-input"]}),
+                nbformat.v4.new_code_cell(source)]
+    nbformat.write(nb, path)
 
-    ran = []
 
-    def execute_notebook(source, target, **kwargs):
-        ran.append(Path(source).stem)
-        if Path(source).stem == "broken":
-            raise RuntimeError("a failing chapter")
-        nbformat.write(nbformat.v4.new_notebook(), target)
+# What each tiny chapter records: its label (a parameter), its torch threads, when it ran and what it saw
+RECORD = """
+import json, os, time, torch
+from pathlib import Path
+out = Path(os.environ["TINY_BOOK_OUT"])
+seen = sorted(p.stem for p in out.glob("*.json"))
+(out / (os.environ["FEATMAP_BOOK_CHAPTER"] + ".json")).write_text(json.dumps(
+    {"label": label, "threads": torch.get_num_threads(), "start": time.time(), "seen": seen}))
+"""
 
-    monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
-    timings = tmp_path / "timings.json"
-    assert main([str(tmp_path / "stage"), "data", "geometric", "--json", str(timings)]) == 0
+
+def test_the_book_runner_runs_chapters_side_by_side_with_its_thread_policy(tmp_path):
+    """``run_book`` runs independent chapters two at once, each in its own papermill process with cores // jobs torch
+    threads, the summary after them with the parameters given; it writes every finished chapter's seconds and the
+    wall time, also when one fails; a failing chapter stops the run with its error, or is recorded (keep_going)."""
+    import os
+
+    from featmap.run.book import main, run_book
+
+    book, out = tmp_path / "book", tmp_path / "out"
+    book.mkdir()
+    out.mkdir()
+    for name in ("data", "geometric", "summary"):
+        _tiny_notebook(book / f"{name}.ipynb", RECORD)
+    _tiny_notebook(book / "broken.ipynb", "raise ValueError('a failing chapter')")
+    env, timings = {"TINY_BOOK_OUT": str(out)}, tmp_path / "timings.json"
+    run = run_book(["summary", "data", "geometric"], book, tmp_path / "stage", timings, jobs=2,
+                   parameters={"geometric": {"label": "given"}}, env=env)
+    seen = {name: json.loads((out / f"{name}.json").read_text()) for name in ("data", "geometric", "summary")}
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert {name: r["threads"] for name, r in seen.items()} == dict.fromkeys(seen, threads)
+    assert seen["geometric"]["label"] == "given" and seen["data"]["label"] == "default"
+    assert seen["summary"]["seen"] == ["data", "geometric"]  # the summary ran after both
     written = json.loads(timings.read_text())
-    assert list(written["chapters"]) == ["data", "geometric"] and written["complete"] and written["failed"] is None
-    assert all(_is_number(s) for s in written["chapters"].values()) and _is_number(written["total_seconds"])
+    assert set(written["chapters"]) == {"data", "geometric", "summary"} and written["complete"]
+    assert written["jobs"] == 2 and written["threads_per_chapter"] == threads and _is_number(written["wall_seconds"])
+    assert run.wall < sum(run.seconds.values())  # the two chapters overlapped
+    executed = json.loads((tmp_path / "stage" / "book" / "geometric.ipynb").read_text())
+    injected = [c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert injected and "hide-input" in injected[0]["metadata"]["tags"]  # folded as the chapter's own parameters
+
+    for name in seen:
+        (out / f"{name}.json").unlink()
     with pytest.raises(RuntimeError, match="a failing chapter"):
-        main([str(tmp_path / "stage"), "data", "broken", "summary", "--json", str(timings)])
+        run_book(["data", "broken", "summary"], book, tmp_path / "stage", timings, jobs=1, env=env)
     written = json.loads(timings.read_text())
-    assert list(written["chapters"]) == ["data"] and written["failed"] == "broken" and not written["complete"]
-    assert ran == ["data", "geometric", "data", "broken"]  # a failing chapter stops the run
+    assert written["failed"] == "broken" and not written["complete"] and not (out / "summary.json").exists()
+    run = run_book(["broken", "summary"], book, tmp_path / "stage", jobs=1, env=env, keep_going=True)
+    assert "a failing chapter" in run.failed["broken"] and list(run.seconds) == ["summary"]
     assert main([str(tmp_path / "stage"), "--json"]) == 2
+    assert main([str(tmp_path / "stage"), "data", "--jobs", "0"]) == 2
 
 
 def test_the_gpu_check_stops_at_once_without_a_gpu(tmp_path):

@@ -114,3 +114,32 @@ def test_every_cache_writes_through_the_one_atomic_helper():
     own = [str(p.relative_to(package)) for p in package.rglob("*.py") if p != package / "core" / "io.py"
            and any(code in p.read_text() for code in ("mkstemp(", "os.replace(", "os.rename("))]
     assert not own, f"atomic writes outside featmap.core.io: {own}"
+
+
+_LOCKED_WRITER = """
+import sys, time
+from pathlib import Path
+from featmap.core.io import cached
+path, log = Path(sys.argv[1]), Path(sys.argv[2])
+def compute():
+    with log.open("a") as f:
+        f.write("computed\\n")
+    time.sleep(4)  # long enough that the other process asks while this one computes
+    return b"value"
+print(cached(path, lambda p: p.read_bytes(), compute, lambda f, v: f.write(v), lock=True).decode())
+"""
+
+
+def test_a_locked_entry_is_computed_once_by_processes_that_need_it_at_once(tmp_path):
+    """Two processes (two chapters of a book run side by side) ask for the same missing entry with ``lock=True``:
+    one computes it, the other waits and reads it; both get the value."""
+    import subprocess
+    import sys
+
+    script, entry, log = tmp_path / "writer.py", tmp_path / "cache" / "entry.bin", tmp_path / "log.txt"
+    script.write_text(_LOCKED_WRITER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(entry), str(log)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert outputs == ["value", "value"] and all(p.returncode == 0 for p in procs)
+    assert log.read_text().splitlines() == ["computed"]

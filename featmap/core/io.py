@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -59,16 +60,43 @@ def write_cached(path: Path, save, value) -> None:
     atomic_write(path, lambda f: save(f, value))
 
 
-def cached(path: Path, load, compute, save):
+@contextmanager
+def entry_lock(path: Path):
+    """Holds an exclusive lock on the cache entry ``path`` (a ``.<name>.lock`` file beside it) across processes, so
+    that two chapters running at once compute a shared entry (one inverter, say) once: the second waits, then reads.
+    Where the platform has no ``fcntl`` it locks nothing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows)
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cached(path: Path, load, compute, save, lock: bool = False):
     """Returns ``load(path)`` when ``path`` holds a readable entry, else ``compute()``, saved atomically with
     ``save(file, value)`` before it is returned.
+
+    ``lock``: on a miss, hold ``entry_lock(path)`` while computing (and look again once it is held), so processes
+    that need the same costly entry at once compute it once. Not for entries whose computing waits on other
+    processes (a data-parallel training every rank joins).
 
     The one try-load / discard / recompute / atomic-write helper of every cache. Its two halves, ``read_cached``
     and ``write_cached``, serve the caches whose computing happens elsewhere: features extracted in batches for
     many entries at once, a map trained by every rank of a data-parallel run while rank 0 alone reads and writes.
     """
     value = read_cached(path, load)
-    if value is None:
-        value = compute()
-        write_cached(path, save, value)
+    if value is not None:
+        return value
+    with entry_lock(path) if lock else nullcontext():
+        value = read_cached(path, load)  # another process may have written it while this one waited
+        if value is None:
+            value = compute()
+            write_cached(path, save, value)
     return value

@@ -306,7 +306,7 @@ def create_dinov2_small(img_size: int = 224, cache_dir: str | os.PathLike | None
     cached(cache_path(img_size, onnx_path, cache_dir),
            lambda path: _filled(model, torch.load(path, map_location="cpu", weights_only=True)),
            lambda: _filled(model, timm_state_dict(read_initialisers(onnx_path), img_size)),
-           lambda f, state: torch.save(state, f))
+           lambda f, state: torch.save(state, f), lock=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"create_dinov2_small: {left} were not loaded; timm's {TIMM_NAME} changed its tensors")

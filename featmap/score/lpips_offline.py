@@ -291,7 +291,7 @@ def lpips_model(net: str = "alex", cache_dir: str | Path | None = None):
     model = _skeleton(net)
     cached(cache_path(net, cache_dir),
            lambda path: _filled(model, net, torch.load(path, map_location="cpu", weights_only=True)),
-           lambda: _filled(model, net, state_dict(net)), lambda f, values: torch.save(values, f))
+           lambda: _filled(model, net, state_dict(net)), lambda f, values: torch.save(values, f), lock=True)
     return model.eval()
 
 

@@ -149,3 +149,30 @@ def test_in_memory_pairs_are_keyed_by_content_and_checked():
         InverterData.from_tensors(feats[:3], images).tensors()
     with pytest.raises(ValueError, match="image_size must be > 0"):
         InverterConfig(image_size=0)
+
+
+def test_feature_matching_compares_the_backbones_own_features_with_gradients(store, views, tmp_path):
+    """``FeatureMatch`` gives the layer's features of [0, 1] images at the backbone's input size (those the store
+    extracts, for images already at that size), differentiable with respect to the images; training with it is
+    cached under another key than pixels alone, and a negative weight is refused."""
+    from featmap.score.inversion import FeatureMatch, feature_cosine
+
+    backbone = store.backbone
+    match = FeatureMatch(backbone, "blocks.4")
+    side = backbone.preprocessing.size
+    photos = np.stack([store.image(v, None) for v in views[:2]])
+    images = torch.from_numpy(to_uint8_images(photos, side)).permute(0, 3, 1, 2).float().div(255).requires_grad_()
+    feats = match(images)
+    want = backbone.features(to_uint8_images(photos, side))["blocks.4"]
+    assert torch.allclose(feats.detach(), want, atol=1e-4)
+    assert torch.allclose(feature_cosine(feats.detach(), want), torch.ones(2), atol=1e-5)
+    (1 - feature_cosine(feats, want).mean()).backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in backbone.model.parameters())  # the judge's weights stay frozen
+    cfg = InverterConfig(image_size=28, width=16, epochs=1, batch_size=4, device="cpu")
+    matched = InverterConfig(**{**cfg.__dict__, "feature_weight": 1.0, "feature_samples": 2})
+    plain = train_inverter(store, views[:2], [], "blocks.4", cfg, cache_dir=tmp_path, progress=False)
+    with_features = train_inverter(store, views[:2], [], "blocks.4", matched, cache_dir=tmp_path, progress=False)
+    assert plain.key != with_features.key and with_features.epochs_run == 1
+    with pytest.raises(ValueError, match="feature_weight must be >= 0"):
+        InverterConfig(feature_weight=-1.0)

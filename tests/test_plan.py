@@ -20,7 +20,8 @@ ALL = PER_POSITION | {"cnn", "transformer", "transformer_pe"}
 def test_the_default_geometric_chapter_plan():
     config = RunConfig(chapter="geometric", manipulations=GEOMETRIC)
     manips = [get_manipulation(n) for n in GEOMETRIC]
-    plan = Plan.build(config, manips, config.layers, image_layers={"blocks.6"})
+    assert [layer for layer in config.layers if config.scores_images_on(layer)] == ["blocks.2"]  # image: first
+    plan = Plan.build(config, manips, config.layers, image_layers={"blocks.2"})
     assert len(plan.cells) == 3 * (5 * 2 + 3)  # layers x (geometric edits x {none, applied} + photometric)
     for cell in plan.cells:
         maps = {m.name for m in cell.mappings}
@@ -33,8 +34,8 @@ def test_the_default_geometric_chapter_plan():
             assert maps == ALL
         assert cell.comparable == (cell.spatial == ("applied" if geometric else "none"))
         assert cell.semantics == (cell.layer == "blocks.6")
-        expected = {"identity", "linear", "transformer", "transformer_pe"} if cell.layer == "blocks.6" \
-            and cell.comparable else set()
+        # image space at the first layer, where the trained global maps do not run by default
+        expected = {"identity", "linear", "local_linear"} if cell.layer == "blocks.2" and cell.comparable else set()
         assert set(cell.images) == expected
     assert len(plan.fits()) == sum(len(c.mappings) for c in plan.cells)
     assert [len(cells) for _, _, cells in plan.groups()] == [2] * 15 + [1] * 9  # per (manipulation, layer)

@@ -370,6 +370,27 @@ class Backbone:
         """Returns {layer: (B, C, H, W) float32} for a normalised (B, 3, S, S) batch."""
         return self._capture(x, self._to_nchw)
 
+    def layer_output(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        """Returns ``layer``'s (B, C, H, W) map for a normalised (B, 3, S, S) batch, differentiable with respect to
+        ``x`` (the forward stops at the layer): what a feature-matching loss backpropagates through."""
+        if layer not in self.layers:
+            raise ValueError(f"{self.name} is not hooked at {layer!r} (hooked: {self.layers})")
+        modules = dict(self.model.named_modules())
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(module, args, out):
+            captured[layer] = self._to_nchw(out, layer).float()
+            raise _Captured
+
+        handle = modules[layer].register_forward_hook(hook)
+        try:
+            self.model(x.to(self.device))
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        return captured[layer]
+
     def features(self, images: np.ndarray) -> dict[str, torch.Tensor]:
         """Returns {layer: (B, C, H, W) float32 on the CPU} for (B, S, S, 3) uint8 images."""
         return {k: v.cpu() for k, v in self.forward_layers(self.preprocessing.normalize(images)).items()}

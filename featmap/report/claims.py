@@ -110,6 +110,9 @@ def claim_linear_close(families: pd.DataFrame, tolerances: dict[str, float]) -> 
                 parts.append(f"{metric}: no verdict at {', '.join(blind)} (the image-space judge cannot see there)")
         split = v.claim_linear_close(data, metric, tolerance)
         if split.cases.empty:
+            if metric in IMAGE_METRICS and seen:
+                parts.append(f"{metric}: no verdict (no global map was scored in image space at "
+                             f"{', '.join(sorted({layer for _, layer in seen}))}, where the judge can see)")
             continue
         c = v.count_outcomes(split.cases, rule="most").assign(metric=metric)
         cases.append(split.cases)

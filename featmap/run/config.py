@@ -85,8 +85,9 @@ DOCS = {
                "add learned to let maps that mix positions learn the permutation (about 3 more minutes here)",
     "ridge": "linear and local_linear: relative ridge strength that shrinks W toward the identity, or auto (chosen on "
              "validation photos)",
-    "semantic_layers": "layers whose predicted maps go through the classifier tail: last, all, or a list",
-    "learned_layers": "layers where the trained maps (linear_sgd, mlp, cnn, transformer*) run: last, all, or a list",
+    "semantic_layers": "layers whose predicted maps go through the classifier tail: first, last, all, or a list",
+    "learned_layers": "layers where the trained maps (linear_sgd, mlp, cnn, transformer*) run: first, last, all, or "
+                      "a list",
     "map_size": "trained maps: small (fits the CPU budget) or reference (width 512, 4 layers, 8 heads, ffn 1024)",
     "max_epochs": "trained maps: epoch cap (the CPU budget), with early stopping (patience 6). The reference: 100",
     "lr": "trained maps: AdamW learning rate. The reference: 1e-4",
@@ -101,8 +102,9 @@ DOCS = {
     "threads": "torch CPU threads (None: torch's default)",
     "bootstrap": "bootstrap resamples for the 95% intervals",
     "cache_dir": "feature cache folder (None: $FEATMAP_CACHE or .cache/featmap)",
-    "image_layers": "layers scored in image space through the inverter: last, all, none, or a list",
-    "image_mappings": "maps whose predictions are reconstructed and scored",
+    "image_layers": "layers scored in image space through the inverter: first (the shallowest, where the "
+                    "inverter's image of the true map passes the judge's check), last, all, none, or a list",
+    "image_mappings": "maps whose predictions are reconstructed and scored (where they run at that layer)",
     "image_photos": "test photos scored in image space (None: all); ST-LPIPS costs about 0.05 s a pair on a core",
     "inverter_size": "the default inverter's output side in pixels",
     "inverter_epochs": "the default inverter's training epochs",
@@ -145,8 +147,9 @@ class RunConfig:
     threads: int | None = None
     bootstrap: int = 1000
     cache_dir: str | None = None
-    image_layers: str | list[str] = "last"
-    image_mappings: list[str] = field(default_factory=lambda: ["identity", "linear", "transformer", "transformer_pe"])
+    image_layers: str | list[str] = "first"
+    image_mappings: list[str] = field(default_factory=lambda: ["identity", "linear", "local_linear", "transformer",
+                                                               "transformer_pe"])
     image_photos: int | None = 16
     inverter_size: int = 56
     inverter_epochs: int = 8
@@ -208,7 +211,7 @@ class RunConfig:
             value = getattr(self, name)
             if value == [] and name == "image_layers":
                 continue
-            if value not in ("last", "all"):
+            if value not in ("first", "last", "all"):
                 value = _check_list(name, value, "blocks.6")
                 extra = [layer for layer in value if layer not in self.layers]
                 if extra:
@@ -242,6 +245,8 @@ class RunConfig:
     def _chosen(self, choice: str | list[str], layer: str) -> bool:
         if choice == "last":
             return layer == self.layers[-1]
+        if choice == "first":
+            return layer == self.layers[0]
         return choice == "all" or layer in choice
 
     def trains_on(self, layer: str) -> bool:

@@ -113,15 +113,20 @@ class InverterConfig:
     lr: float = 3e-3             # AdamW, cosine-annealed to zero over the epochs
     weight_decay: float = 1e-4
     ssim_weight: float = 1.0     # loss = L1 + ssim_weight * (1 - SSIM), both on [0, 1] pixels
+    # ... + feature_weight * (1 - the mean cosine between the layer's features of the reconstruction and of the
+    # photo), both through the backbone at its input size (feature matching; where a judge backbone is given)
+    feature_weight: float = 0.0
+    feature_samples: int = 4     # ... on this many samples of each (shuffled) batch: the backbone pass costs most
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self):
-        for name in ("image_size", "width", "min_width", "epochs", "batch_size", "lr"):
+        for name in ("image_size", "width", "min_width", "epochs", "batch_size", "lr", "feature_samples"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"InverterConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.ssim_weight < 0:
-            raise ValueError(f"InverterConfig.ssim_weight must be >= 0, got {self.ssim_weight}")
+        for name in ("ssim_weight", "feature_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"InverterConfig.{name} must be >= 0, got {getattr(self, name)}")
 
     def identity(self) -> dict:
         """Returns the fields that determine the trained weights (all but ``device``)."""
@@ -248,9 +253,44 @@ def ssim_torch(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tenso
     return s.flatten(1).mean(1)
 
 
-def inversion_loss(pred: torch.Tensor, target: torch.Tensor, ssim_weight: float) -> torch.Tensor:
-    """Returns mean L1 + ssim_weight * (1 - mean SSIM) between (B, 3, H, W) images in [0, 1]."""
-    return F.l1_loss(pred, target) + ssim_weight * (1 - ssim_torch(pred, target).mean())
+class FeatureMatch:
+    """A backbone layer's features of [0, 1] images (B, 3, s, s), differentiable with respect to the images: the
+    images are resized to the backbone's input size and normalised as it expects, and the forward stops at
+    ``layer``. The backbone's weights are frozen."""
+
+    def __init__(self, backbone, layer: str):
+        self.backbone, self.layer = backbone, layer
+        for p in backbone.model.parameters():
+            p.requires_grad_(False)
+        pre = backbone.preprocessing
+        self.size = pre.size
+        self.mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.std).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = (x - self.mean.to(x)) / self.std.to(x)
+        return self.backbone.layer_output(x, self.layer)
+
+
+def feature_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Returns the per-sample mean over positions of the cosine between (B, C, H, W) feature maps."""
+    return F.cosine_similarity(a, b, dim=1, eps=1e-8).flatten(1).mean(1)
+
+
+def inversion_loss(pred: torch.Tensor, target: torch.Tensor, ssim_weight: float,
+                   features: FeatureMatch | None = None, feature_weight: float = 0.0,
+                   feature_samples: int | None = None) -> torch.Tensor:
+    """Returns mean L1 + ssim_weight * (1 - mean SSIM) between (B, 3, H, W) images in [0, 1], plus
+    feature_weight * (1 - mean feature cosine) through ``features`` on the first ``feature_samples`` of the batch
+    (all for None; the photo's side without gradients)."""
+    loss = F.l1_loss(pred, target) + ssim_weight * (1 - ssim_torch(pred, target).mean())
+    if features is not None and feature_weight > 0:
+        pred, target = pred[:feature_samples], target[:feature_samples]
+        with torch.no_grad():
+            want = features(target)
+        loss = loss + feature_weight * (1 - feature_cosine(features(pred), want).mean())
+    return loss
 
 
 def _unit_images(images: torch.Tensor) -> torch.Tensor:
@@ -258,10 +298,12 @@ def _unit_images(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(255)
 
 
-def inverter_recipe(config: InverterConfig) -> Recipe:
-    """Returns the inverter's training recipe: L1 + SSIM loss, AdamW cosine-annealed to zero over a fixed budget
-    of epochs, no early stopping, the last weights; validation (when given) records loss and SSIM, never steers."""
-    return Recipe(loss=partial(inversion_loss, ssim_weight=config.ssim_weight),
+def inverter_recipe(config: InverterConfig, features: FeatureMatch | None = None) -> Recipe:
+    """Returns the inverter's training recipe: L1 + SSIM loss (+ feature matching through ``features`` when given
+    and ``config.feature_weight`` > 0), AdamW cosine-annealed to zero over a fixed budget of epochs, no early
+    stopping, the last weights; validation (when given) records loss and SSIM, never steers."""
+    return Recipe(loss=partial(inversion_loss, ssim_weight=config.ssim_weight, features=features,
+                               feature_weight=config.feature_weight, feature_samples=config.feature_samples),
                   optimizer=AdamW(config.lr, config.weight_decay), schedule=Cosine(config.epochs),
                   stopping=Stopping(config.epochs), batch_size=config.batch_size, seed=config.seed,
                   shuffle_stream="inverter-shuffle", dropout_stream=None, metrics={"ssim_torch": ssim_torch})
@@ -274,15 +316,20 @@ def inverter_path(key: str, cache_dir: str | Path | None = None) -> Path:
 
 def fit_decoder(data: InverterData, layer: str, config: InverterConfig = InverterConfig(),
                 cache_dir: str | Path | None = None, progress: bool = True,
-                val: InverterData | None = None) -> DecoderInverter:
+                val: InverterData | None = None, judge=None) -> DecoderInverter:
     """Returns the decoder inverter trained on ``data`` (loaded from the cache when trained before).
 
-    Content-addressed by (layer, data key, validation data key, config): <cache>/inverters/<key>.pt. An
+    ``judge``: the backbone whose ``layer`` features the feature-matching term compares (``config.feature_weight``
+    > 0); without one the loss is pixels only.
+
+    Content-addressed by (layer, data key, validation data key, config, judge): <cache>/inverters/<key>.pt. An
     interrupted run resumes from <key>.partial.pt, written atomically after every epoch; a file that does not
     load is discarded and its work redone. Seeded: the same inputs give the same weights.
     """
+    matching = judge is not None and config.feature_weight > 0
     key = content_key({"inverter": "decoder", "layer": layer, "data": data.key,
-                       "val": val.key if val is not None else None, "config": config.identity()})
+                       "val": val.key if val is not None else None, "config": config.identity(),
+                       "judge": judge.identity() if matching else None})
     final = inverter_path(key, cache_dir)
     partial_file = final.with_name(f"{key}.partial.pt")
 
@@ -296,7 +343,8 @@ def fit_decoder(data: InverterData, layer: str, config: InverterConfig = Inverte
         fitted = Normalizer.fit(feats)
         net.normalizer.mean.copy_(fitted.mean)
         net.normalizer.std.copy_(fitted.std)
-        run = fit(net, inverter_recipe(config), Pairs(feats, images, _unit_images),
+        features = FeatureMatch(judge, layer) if matching else None
+        run = fit(net, inverter_recipe(config, features), Pairs(feats, images, _unit_images),
                   Pairs(*val.tensors(), _unit_images) if val is not None else None, resolve_device(config.device),
                   checkpoint=partial_file, progress=progress, desc=f"inverter {layer}")
         history = {"epochs": run.epochs, "seconds": run.seconds, "per_epoch": run.history, "n_pairs": len(feats),
@@ -311,7 +359,7 @@ def fit_decoder(data: InverterData, layer: str, config: InverterConfig = Inverte
         torch.save({"net": {k: v.cpu() for k, v in inverter.net.state_dict().items()}, "history": inverter.history,
                     "meta": meta}, f)
 
-    inverter = cached(final, lambda path: DecoderInverter.load(path, config.device), train, save)
+    inverter = cached(final, lambda path: DecoderInverter.load(path, config.device), train, save, lock=True)
     partial_file.unlink(missing_ok=True)
     return inverter
 
@@ -323,9 +371,11 @@ def train_inverter(store, views: list, manipulations: list, layer: str, config: 
     ``views`` (training photos only) under no edit and each of ``manipulations``.
 
     ``val_views``: held-out views whose loss and SSIM are recorded per epoch (they do not steer training).
+    ``config.feature_weight`` > 0 matches the store's backbone's ``layer`` features of the reconstructions to the
+    photos' (feature matching).
     ``cache_dir``: None is the store's cache root. Nothing is loaded or extracted when the inverter is cached.
     """
     root = cache_dir or store.cache.root
     data = InverterData.from_store(store, views, manipulations, layer, config.image_size)
     val = InverterData.from_store(store, val_views, manipulations, layer, config.image_size) if val_views else None
-    return fit_decoder(data, layer, config, root, progress, val)
+    return fit_decoder(data, layer, config, root, progress, val, judge=store.backbone)

@@ -109,3 +109,14 @@ def test_the_judge_sanity_line_fails_a_blind_inverter_and_its_layer_gets_no_imag
     assert "re-extraction cosine 0.02 < 0.5" in judge.loc["blocks.6", "why"]
     got = claims.claim_linear_close(table, {"ssim": 0.02})
     assert list(got.cases["layer"]) == ["blocks.4"] and "no verdict at blocks.6" in got.measured
+
+
+def test_image_space_claim_two_says_when_no_global_map_ran_where_the_judge_can_see():
+    """The judge sees at blocks.2 (image space's default layer) but the global maps were trained at blocks.6 only:
+    the image metric gets no verdict, and the claim says why instead of dropping it silently."""
+    rows = _judge_rows("blocks.2", 0.55, 0.08, 0.40) + [
+        _row("photometric", "grayscale", "linear", "ssim", 0.8, layer="blocks.2"),
+        _row("photometric", "grayscale", "linear", "cos_mean_gap_transformer", -0.005, (-0.01, 0.0))]
+    got = claims.claim_linear_close(pd.DataFrame(rows, columns=COLUMNS), {"cos_mean": 0.02, "ssim": 0.02})
+    assert list(got.cases["metric"]) == ["cos_mean"] and got.verdict == HOLDS
+    assert "ssim: no verdict (no global map was scored in image space at blocks.2" in got.measured

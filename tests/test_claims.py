@@ -108,7 +108,26 @@ def test_the_judge_sanity_line_fails_a_blind_inverter_and_its_layer_gets_no_imag
     assert bool(judge.loc["blocks.4", "judge_ok"]) and not judge.loc["blocks.6", "judge_ok"]
     assert "re-extraction cosine 0.02 < 0.5" in judge.loc["blocks.6", "why"]
     got = claims.claim_linear_close(table, {"ssim": 0.02})
-    assert list(got.cases["layer"]) == ["blocks.4"] and "no verdict at blocks.6" in got.measured
+    assert list(got.cases["layer"]) == ["blocks.4"] and "no verdict for grayscale at blocks.6" in got.measured
+
+
+def test_the_judge_decides_per_edit_an_edit_it_cannot_draw_gets_no_verdict_the_others_do():
+    """At one layer the decoder draws grayscale recognisably but not pixel noise (its re-extraction cosine is low):
+    noise gets no image-space verdict while grayscale keeps its own; the layer line counts 1 of 2 seen."""
+    rows = []
+    for manip, reext in (("grayscale", 0.55), ("noise_40", 0.22)):
+        rows += [_row("photometric", manip, "target", "cos_reextract_median", reext, layer="blocks.2"),
+                 _row("photometric", manip, "target", "lpips", 0.08, layer="blocks.2"),
+                 _row("photometric", manip, "unrelated", "lpips", 0.50, layer="blocks.2"),
+                 _row("photometric", manip, "linear", "ssim_gap_transformer", 0.0, (-0.005, 0.005), layer="blocks.2")]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    judge = claims.judge_sanity(table).set_index("manipulation")
+    assert judge["judge_ok"].to_dict() == {"grayscale": True, "noise_40": False}
+    line = claims.judge_by_layer(table).iloc[0]
+    assert (line.seen, line.cases) == (1, 2) and line.target_cos_reextract_median == 0.55
+    assert line.blind.startswith("noise_40: re-extraction cosine 0.22 < 0.5")
+    got = claims.claim_linear_close(table, {"ssim": 0.02})
+    assert list(got.cases["manipulation"]) == ["grayscale"] and "no verdict for noise_40 at blocks.2" in got.measured
 
 
 def test_image_space_claim_two_says_when_no_global_map_ran_where_the_judge_can_see():

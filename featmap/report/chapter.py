@@ -60,11 +60,12 @@ def findings_lines(table: pd.DataFrame, min_effect_share: float = 0.1, tolerance
         lines.append(f"Through the classifier tail, the linear map's prediction keeps the true manipulated map's top-1 "
                      f"class for {m.get('linear', np.nan):.0%} of test photos on average (identity: "
                      f"{m.get('identity', np.nan):.0%}).")
-    for r in claims.judge_sanity(table).itertuples():
-        lines.append(f"Image-space judge at {r.layer}: " + (
-            f"it sees (re-extraction cosine {r.target_cos_reextract_median:.2f}, LPIPS {r.target_lpips:.2f} against "
-            f"{r.unrelated_lpips:.2f} for an unrelated photo)." if r.judge_ok else
-            f"it cannot see ({r.why}); no image-space verdict there."))
+    for r in claims.judge_by_layer(table).itertuples():
+        sees = (f"it sees {r.seen} of {r.cases} edits (re-extraction cosine {r.target_cos_reextract_median:.2f}, "
+                f"LPIPS {r.target_lpips:.2f} against {r.unrelated_lpips:.2f} for an unrelated photo)" if r.seen else
+                f"it sees none of {r.cases} edits")
+        lines.append(f"Image-space judge at {r.layer}: {sees}" + (
+            f"; it cannot see {r.blind}: no image-space verdict there." if r.blind else "."))
     return lines
 
 
@@ -151,7 +152,7 @@ def run_summary(result) -> str:
 
 
 def judge(table: pd.DataFrame) -> pd.DataFrame:
-    """Returns the image-space judge's sanity line per layer (``claims.judge_sanity``)."""
+    """Returns the image-space judge's sanity line per edit and layer (``claims.judge_sanity``)."""
     return claims.judge_sanity(table)
 
 

@@ -99,20 +99,22 @@ def claim_linear_close(families: pd.DataFrame, tolerances: dict[str, float]) -> 
     weakest over the metrics measured."""
     cases, controls, counts, parts = [], [], [], []
     judge = judge_sanity(families)
-    seen = {(r.backbone, r.layer) for r in judge.itertuples() if r.judge_ok}
+    seen = {(r.backbone, r.layer, r.manipulation) for r in judge.itertuples() if r.judge_ok}
     for metric, tolerance in tolerances.items():
         data = families
-        if metric in IMAGE_METRICS:  # image space is judged only where the judge can see (judge_sanity)
-            keep = [(b, layer) in seen for b, layer in zip(families["backbone"], families["layer"])]
+        if metric in IMAGE_METRICS:  # image space is judged only in the cases where the judge can see
+            keep = [(b, layer, m) in seen for b, layer, m in zip(families["backbone"], families["layer"],
+                                                                   families["manipulation"])]
             data = families[keep]
-            blind = sorted(set(judge.loc[~judge["judge_ok"].astype(bool), "layer"]))
-            if blind:
-                parts.append(f"{metric}: no verdict at {', '.join(blind)} (the image-space judge cannot see there)")
+            blind = judge[~judge["judge_ok"].astype(bool)]
+            if len(blind):
+                where = ", ".join(f"{r.manipulation} at {r.layer}" for r in blind.itertuples())
+                parts.append(f"{metric}: no verdict for {where} (the image-space judge cannot see there)")
         split = v.claim_linear_close(data, metric, tolerance)
         if split.cases.empty:
             if metric in IMAGE_METRICS and seen:
                 parts.append(f"{metric}: no verdict (no global map was scored in image space at "
-                             f"{', '.join(sorted({layer for _, layer in seen}))}, where the judge can see)")
+                             f"{', '.join(sorted({layer for _, layer, _ in seen}))}, where the judge can see)")
             continue
         c = v.count_outcomes(split.cases, rule="most").assign(metric=metric)
         cases.append(split.cases)
@@ -184,31 +186,51 @@ JUDGE_MIN_REEXTRACT = 0.5
 
 
 def judge_sanity(table: pd.DataFrame, min_reextract: float = JUDGE_MIN_REEXTRACT) -> pd.DataFrame:
-    """Returns per (backbone, layer) with image-space rows whether the image-space judge can see there.
+    """Returns per case with image-space rows (backbone, layer, manipulation) whether the image-space judge can see.
 
     The inverter's image of the TRUE manipulated map (``target`` rows) against the manipulated photo must be
-    informative: its ``cos_reextract_median`` (both images back through the backbone) at least ``min_reextract``
-    on average over the edits, and its LPIPS below an unrelated real photo's (``unrelated`` rows: another test
-    photo against the same image), every edit's interval entirely below. A layer that fails gets no image-space
-    verdict: any map is judged there only as precisely as the inverter reconstructs the truth.
+    informative: its ``cos_reextract_median`` (both images back through the backbone) at least ``min_reextract``,
+    and its LPIPS interval entirely below an unrelated real photo's (``unrelated`` rows: another test photo
+    against the same image). A case that fails gets no image-space verdict: any map is judged there only as
+    precisely as the inverter reconstructs the truth (an edit the decoder cannot draw, such as pixel noise,
+    fails where the others at the same layer pass).
     """
-    cols = ["backbone", "layer", "target_cos_reextract_median", "target_lpips", "unrelated_lpips", "judge_ok", "why"]
+    cols = ["backbone", "layer", "manipulation", "target_cos_reextract_median", "target_lpips", "unrelated_lpips",
+            "judge_ok", "why"]
     rows = table[table["mapping"].isin(["target", "unrelated"])
                  & table["metric"].isin(["cos_reextract_median", "lpips"])]
     out = []
-    for (backbone, layer), d in rows.groupby(["backbone", "layer"], sort=False):
-        def mean(mapping, metric):
-            return d[(d["mapping"] == mapping) & (d["metric"] == metric)]["value"].mean()
-        target = d[(d["mapping"] == "target") & (d["metric"] == "lpips")].set_index("manipulation")
-        unrelated = d[(d["mapping"] == "unrelated") & (d["metric"] == "lpips")].set_index("manipulation")
-        both = target.index.intersection(unrelated.index)
-        reext = mean("target", "cos_reextract_median")
-        below = bool(len(both)) and bool((target.loc[both, "ci_high"] < unrelated.loc[both, "ci_low"]).all())
-        why = [f"re-extraction cosine {reext:.2f} < {min_reextract}" if not reext >= min_reextract else "",
+    for (backbone, layer, manip), d in rows.groupby(["backbone", "layer", "manipulation"], sort=False):
+        def one(mapping, metric):
+            got = d[(d["mapping"] == mapping) & (d["metric"] == metric)]
+            return got.iloc[0] if len(got) else None
+        reext, target, unrelated = (one("target", "cos_reextract_median"), one("target", "lpips"),
+                                    one("unrelated", "lpips"))
+        value = float(reext["value"]) if reext is not None else float("nan")
+        below = target is not None and unrelated is not None and bool(target["ci_high"] < unrelated["ci_low"])
+        why = [f"re-extraction cosine {value:.2f} < {min_reextract}" if not value >= min_reextract else "",
                "" if below else "the true map's image is not clearly closer than an unrelated photo (LPIPS)"]
-        out.append({"backbone": backbone, "layer": layer, "target_cos_reextract_median": reext,
-                    "target_lpips": mean("target", "lpips"), "unrelated_lpips": mean("unrelated", "lpips"),
-                    "judge_ok": reext >= min_reextract and below, "why": "; ".join(w for w in why if w)})
+        out.append({"backbone": backbone, "layer": layer, "manipulation": manip,
+                    "target_cos_reextract_median": value,
+                    "target_lpips": float(target["value"]) if target is not None else float("nan"),
+                    "unrelated_lpips": float(unrelated["value"]) if unrelated is not None else float("nan"),
+                    "judge_ok": bool(value >= min_reextract and below), "why": "; ".join(w for w in why if w)})
+    return pd.DataFrame(out, columns=cols)
+
+
+def judge_by_layer(table: pd.DataFrame, min_reextract: float = JUDGE_MIN_REEXTRACT) -> pd.DataFrame:
+    """Returns per (backbone, layer) the judge's sanity line in short: the cases it sees of those scored, the mean
+    re-extraction cosine and LPIPS (target and unrelated photo) over the cases it sees, and the cases it cannot."""
+    cases = judge_sanity(table, min_reextract)
+    cols = ["backbone", "layer", "seen", "cases", "target_cos_reextract_median", "target_lpips", "unrelated_lpips",
+            "blind"]
+    out = []
+    for (backbone, layer), d in cases.groupby(["backbone", "layer"], sort=False):
+        ok = d[d["judge_ok"]]
+        out.append({"backbone": backbone, "layer": layer, "seen": len(ok), "cases": len(d),
+                    "target_cos_reextract_median": ok["target_cos_reextract_median"].mean(),
+                    "target_lpips": ok["target_lpips"].mean(), "unrelated_lpips": ok["unrelated_lpips"].mean(),
+                    "blind": "; ".join(f"{r.manipulation}: {r.why}" for r in d[~d["judge_ok"]].itertuples())})
     return pd.DataFrame(out, columns=cols)
 
 

@@ -62,16 +62,19 @@ def write_cached(path: Path, save, value) -> None:
 
 @contextmanager
 def entry_lock(path: Path):
-    """Holds an exclusive lock on the cache entry ``path`` (a ``.<name>.lock`` file beside it) across processes, so
-    that two chapters running at once compute a shared entry (one inverter, say) once: the second waits, then reads.
-    Where the platform has no ``fcntl`` it locks nothing."""
+    """Holds an exclusive lock on the cache entry ``path`` across processes (a file named by the entry's path hash
+    under the temporary directory, so the cache holds entries only), so that two chapters running at once compute
+    a shared entry (one inverter, say) once: the second waits, then reads. Where the platform has no ``fcntl``
+    (Windows) it locks nothing."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover (Windows)
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a+b") as f:
+    locks = Path(tempfile.gettempdir()) / f"featmap-locks-{os.getuid()}"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
+    with open(locks / f"{name}.lock", "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

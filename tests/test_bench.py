@@ -173,7 +173,7 @@ def test_the_book_runner_runs_chapters_side_by_side_with_its_thread_policy(tmp_p
     for name in seen:
         (out / f"{name}.json").unlink()
     with pytest.raises(RuntimeError, match="a failing chapter"):
-        run_book(["data", "broken", "summary"], book, tmp_path / "stage", timings, jobs=1, env=env)
+        run_book(["broken", "summary"], book, tmp_path / "stage", timings, jobs=1, env=env)
     written = json.loads(timings.read_text())
     assert written["failed"] == "broken" and not written["complete"] and not (out / "summary.json").exists()
     run = run_book(["broken", "summary"], book, tmp_path / "stage", jobs=1, env=env, keep_going=True)

@@ -124,7 +124,7 @@ path, log = Path(sys.argv[1]), Path(sys.argv[2])
 def compute():
     with log.open("a") as f:
         f.write("computed\\n")
-    time.sleep(4)  # long enough that the other process asks while this one computes
+    time.sleep(3)  # long enough that the other process asks while this one computes
     return b"value"
 print(cached(path, lambda p: p.read_bytes(), compute, lambda f, v: f.write(v), lock=True).decode())
 """

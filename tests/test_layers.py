@@ -2,9 +2,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import papermill as pm
 
-from featmap.core.table import COLUMNS, results_dir
+from featmap.core.table import COLUMNS
 from featmap.report.trends import layer_trends
 from featmap.run.config import RunConfig
 from featmap.run.layers import run_layers, stage_names
@@ -49,11 +48,10 @@ def test_layers_table_for_trained_and_random_weights(photo_dir):
     assert len(trends) == 4 and set(trends.first_layer) == {"blocks.4"} and set(trends.last_layer) == {"blocks.6"}
 
 
-def test_papermill_runs_the_layers_chapter(tmp_path, photo_dir):
-    pm.execute_notebook(str(BOOK / "layers.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
-                        parameters={"images": str(photo_dir), "layers": ["blocks.4", "blocks.6"], "max_images": None,
-                                    "manipulations": ["mirror_h", "mask_big_square_center"], "bootstrap": 50},
-                        progress_bar=False)
-    table = pd.read_csv(results_dir() / "layers.csv")
+def test_papermill_runs_the_layers_chapter(small_book):
+    """The layers chapter through papermill (the shared small book: blocks.4 and blocks.6, one geometric and one
+    masking edit) writes its table with finite geometry."""
+    assert "layers" not in small_book.failed, small_book.failed.get("layers")
+    table = pd.read_csv(small_book.results / "layers.csv")
     assert set(table.layer) == {"blocks.4", "blocks.6"} and set(table.family) == {"geometric", "masking"}
     assert np.isfinite(table[table.metric == "delta_erank_frac"].value).all()

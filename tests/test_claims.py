@@ -125,7 +125,7 @@ def test_the_judge_decides_per_edit_an_edit_it_cannot_draw_gets_no_verdict_the_o
     assert judge["judge_ok"].to_dict() == {"grayscale": True, "noise_40": False}
     line = claims.judge_by_layer(table).iloc[0]
     assert (line.seen, line.cases) == (1, 2) and line.target_cos_reextract_median == 0.55
-    assert line.blind.startswith("noise_40: re-extraction cosine 0.22 < 0.5")
+    assert line.blind.startswith("noise_40 (re-extraction cosine 0.22 < 0.5")
     got = claims.claim_linear_close(table, {"ssim": 0.02})
     assert list(got.cases["manipulation"]) == ["grayscale"] and "no verdict for noise_40 at blocks.2" in got.measured
 

@@ -65,7 +65,7 @@ def findings_lines(table: pd.DataFrame, min_effect_share: float = 0.1, tolerance
                 f"LPIPS {r.target_lpips:.2f} against {r.unrelated_lpips:.2f} for an unrelated photo)" if r.seen else
                 f"it sees none of {r.cases} edits")
         lines.append(f"Image-space judge at {r.layer}: {sees}" + (
-            f"; it cannot see {r.blind}: no image-space verdict there." if r.blind else "."))
+            f"; no image-space verdict for the edits it cannot draw recognisably: {r.blind}." if r.blind else "."))
     return lines
 
 

@@ -230,7 +230,7 @@ def judge_by_layer(table: pd.DataFrame, min_reextract: float = JUDGE_MIN_REEXTRA
         out.append({"backbone": backbone, "layer": layer, "seen": len(ok), "cases": len(d),
                     "target_cos_reextract_median": ok["target_cos_reextract_median"].mean(),
                     "target_lpips": ok["target_lpips"].mean(), "unrelated_lpips": ok["unrelated_lpips"].mean(),
-                    "blind": "; ".join(f"{r.manipulation}: {r.why}" for r in d[~d["judge_ok"]].itertuples())})
+                    "blind": ", ".join(f"{r.manipulation} ({r.why})" for r in d[~d["judge_ok"]].itertuples())})
     return pd.DataFrame(out, columns=cols)
 
 

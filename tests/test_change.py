@@ -228,3 +228,20 @@ def test_grid_alignment_on_real_features_of_the_default_backbone(photo_dir):
     for layer in ("blocks.2", "blocks.4"):
         deep = change.grid_alignment(mirror.grid_op(x[layer]), y[layer])
         assert deep.plain_is_best, (layer, deep.best_shift)
+
+
+def test_grid_alignment_scores_equal_the_direct_shift_and_cosine():
+    """The shared dot products (bilinear is linear in the map) give the direct computation's scores: every copy
+    moved by grid_sample, then the position cosine, for integer and sub-cell offsets, shifts of 1 and 2."""
+    from featmap.score import change
+
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(3, 5, 9, 8, generator=gen, dtype=torch.float64)
+    y = g.roll(1, 2) + 0.3 * torch.randn(3, 5, 9, 8, generator=gen, dtype=torch.float64)
+    for m in (1, 2):
+        fast = change._CommonRegionScores(g, y, m)
+        region = change._region(9, 8, m, True, 0, 0)
+        for dy, dx in [(0, 0), (1, 0), (-m, m), (0.25, -0.75), (-1.5 if m == 2 else -0.5, 0.5)]:
+            direct = change._score(change._shifted(g, dy, dx), y, region)
+            assert torch.allclose(fast.score(dy, dx), direct, atol=1e-12), (m, dy, dx)
+    assert change.grid_alignment(g, y).best_shift == (1, 0)  # y is g moved one cell down

@@ -244,6 +244,50 @@ def _score(s: torch.Tensor, y: torch.Tensor, region: tuple[int, int, int, int]) 
     return F.cosine_similarity(s[..., r0:r1, c0:c1], y[..., r0:r1, c0:c1], dim=1, eps=1e-8).flatten(1).mean(1)
 
 
+class _CommonRegionScores:
+    """The mean position cosines of ``_score(_shifted(g, dy, dx), y, region)`` for any offsets with |dy|, |dx| <= m
+    on the common region (margin m), from channel dot products of integer-shifted copies computed once.
+
+    Bilinear interpolation is linear: inside the region, the copy moved by (dy, dx) is a weighted sum of at most
+    four integer-shifted copies g_u (g_u[i, j] = g[i - u_y, j - u_x]), so its dot product with y and its squared
+    norm are weighted sums of the dot maps g_u . y and g_u . g_v (u, v neighbours), each a channel reduction done
+    once instead of once per offset. Equal to the direct computation up to round-off."""
+
+    def __init__(self, g: torch.Tensor, y: torch.Tensor, m: int):
+        h, w = g.shape[2:]
+        self.m, self.region = m, (m, h - m, m, w - m)
+        r0, r1, c0, c1 = self.region
+        self._g, self._y = g, y[..., r0:r1, c0:c1]
+        self.y_norm = self._y.norm(dim=1).clamp_min(1e-8)
+        self._dots: dict = {}
+
+    def _copy(self, u):
+        r0, r1, c0, c1 = self.region
+        return self._g[..., r0 - u[0]:r1 - u[0], c0 - u[1]:c1 - u[1]]
+
+    def _dot(self, u, v=None):
+        """Returns the channel dot map of copy u with copy v, or with y (v None)."""
+        key = (u, v) if v is None or u <= v else (v, u)
+        if key not in self._dots:
+            other = self._y if v is None else self._copy(v)
+            self._dots[key] = (self._copy(u) * other).sum(1)
+        return self._dots[key]
+
+    @staticmethod
+    def _weights(d: float) -> list[tuple[int, float]]:
+        low = math.floor(d)
+        frac = d - low
+        return [(low, 1.0)] if frac == 0 else [(low, 1 - frac), (low + 1, frac)]
+
+    def score(self, dy: float, dx: float) -> torch.Tensor:
+        """Returns the per-sample mean position cosine of the copy moved by (dy, dx) against y."""
+        parts = [((a, b), wa * wb) for a, wa in self._weights(dy) for b, wb in self._weights(dx)]
+        num = sum(wt * self._dot(u) for u, wt in parts)
+        sq = sum(wu * wv * self._dot(u, v) for u, wu in parts for v, wv in parts)
+        cos = num / (sq.clamp_min(0).sqrt().clamp_min(1e-8) * self.y_norm)
+        return cos.flatten(1).mean(1)
+
+
 def grid_alignment(grid_op_x: torch.Tensor, y: torch.Tensor, max_shift: int = 1, subcell: bool = True,
                    step: float = 0.25, common: bool = True) -> Alignment:
     """Returns the mean position cosine between the grid-operated original shifted by every (dy, dx) and the true
@@ -266,7 +310,9 @@ def grid_alignment(grid_op_x: torch.Tensor, y: torch.Tensor, max_shift: int = 1,
         raise ValueError(f"a {h}x{w} grid has no cells left after shifts of up to {m}; use a smaller max_shift")
     shifts = sorted(((dy, dx) for dy in range(-m, m + 1) for dx in range(-m, m + 1)),
                     key=lambda s: (abs(s[0]) + abs(s[1]), s))
-    per = torch.stack([_score(_shifted(g, dy, dx), y, _region(h, w, m, common, dy, dx)) for dy, dx in shifts], 1)
+    fast = _CommonRegionScores(g, y, m) if common else None
+    per = torch.stack([fast.score(dy, dx) if fast else _score(_shifted(g, dy, dx), y, _region(h, w, m, common, dy, dx))
+                       for dy, dx in shifts], 1)
     means = per.mean(0)
     scores = {s: float(v) for s, v in zip(shifts, means)}
     best = shifts[int(torch.argmax(means))]  # argmax returns the first maximum: ties go to the smaller shift
@@ -276,8 +322,8 @@ def grid_alignment(grid_op_x: torch.Tensor, y: torch.Tensor, max_shift: int = 1,
         k = round(m / step)
         offsets = sorted(((i * step, j * step) for i in range(-k, k + 1) for j in range(-k, k + 1)),
                          key=lambda s: (abs(s[0]) + abs(s[1]), s))
-        region = _region(h, w, m, True, 0, 0)
-        sub = {o: float(_score(_shifted(g, *o), y, region).mean()) for o in offsets}
+        fast = fast or _CommonRegionScores(g, y, m)
+        sub = {o: float(fast.score(*o).mean()) for o in offsets}
         best_o = max(offsets, key=lambda o: (sub[o], -offsets.index(o)))
         out.subcell_scores, out.subcell_offset, out.subcell_score = sub, best_o, sub[best_o]
     return out

@@ -158,7 +158,7 @@ def test_the_book_runner_runs_chapters_side_by_side_with_its_thread_policy(tmp_p
     run = run_book(["summary", "data", "geometric"], book, tmp_path / "stage", timings, jobs=2,
                    parameters={"geometric": {"label": "given"}}, env=env)
     seen = {name: json.loads((out / f"{name}.json").read_text()) for name in ("data", "geometric", "summary")}
-    threads = max(1, (os.cpu_count() or 1) // 2)
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
     assert {name: r["threads"] for name, r in seen.items()} == dict.fromkeys(seen, threads)
     assert seen["geometric"]["label"] == "given" and seen["data"]["label"] == "default"
     assert seen["summary"]["seen"] == ["data", "geometric"]  # the summary ran after both

@@ -55,7 +55,7 @@ def write_timings(path: Path, seconds: dict[str, float], chapters: list[str], fa
     data = {"chapters": {c: seconds[c] for c in chapters if c in seconds}, "total_seconds": sum(seconds.values()),
             "wall_seconds": wall, "jobs": jobs, "threads_per_chapter": threads,
             "asked": chapters, "complete": failed is None and all(c in seconds for c in chapters), "failed": failed,
-            "cpus": os.cpu_count(), "python": platform.python_version(), "load_average_at_end": os.getloadavg()}
+            "cpus": available_cpus(), "python": platform.python_version(), "load_average_at_end": os.getloadavg()}
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
 
 
@@ -85,10 +85,19 @@ READS_RESULTS = ("summary", "intro")
 COST_ORDER = ("backbones", "geometric", "layers", "semantic", "masking", "data")
 
 
+def available_cpus() -> int:
+    """Returns the cores this process may run on (its CPU affinity where the platform reports one, else the
+    machine's count): what the thread policy divides."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # pragma: no cover (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def default_jobs(cpus: int | None = None) -> int:
     """Returns how many chapters run at once by default: one per core, at most three (each holds its photos' maps
     in memory)."""
-    return max(1, min(3, cpus or os.cpu_count() or 1))
+    return max(1, min(3, cpus or available_cpus()))
 
 
 def schedule(chapters: list[str]) -> tuple[list[str], list[str]]:
@@ -163,16 +172,16 @@ def run_book(chapters: list[str], book: Path, stage: Path, timings: Path | None 
     writes the timings to ``timings`` (JSON, see ``write_timings``) after every chapter when given.
 
     ``jobs`` chapters run at once (default ``default_jobs()``), each in its own papermill process with
-    ``cpus // jobs`` torch threads (the thread policy: never more threads than cores); the chapters that read the
-    others' results (``READS_RESULTS``) run after them. Chapters share their caches safely: entries are written
-    atomically and the costly shared ones (an inverter) are computed once under a lock. ``parameters``: chapter ->
-    the values papermill passes; ``env``: variables every chapter's process gets.
+    ``available_cpus() // jobs`` torch threads (the thread policy: never more threads than cores); the chapters that
+    read the others' results (``READS_RESULTS``) run after them. Chapters share their caches safely: entries are
+    written atomically and the costly shared ones (an inverter) are computed once under a lock. ``parameters``:
+    chapter -> the values papermill passes; ``env``: variables every chapter's process gets.
 
     A failing chapter (papermill writes its notebook, error included) stops the run with its error, stopping the
     chapters still running; with ``keep_going`` it is recorded in ``failed`` and the others go on.
     """
     jobs = max(1, int(jobs or default_jobs()))
-    run = BookRun(jobs=jobs, threads=max(1, (os.cpu_count() or 1) // jobs))
+    run = BookRun(jobs=jobs, threads=max(1, available_cpus() // jobs))
     stage = stage.resolve()
     (stage / "book").mkdir(parents=True, exist_ok=True)
     progress = stage / "progress"  # absolute: the kernels run in stage/book

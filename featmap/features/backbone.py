@@ -272,7 +272,9 @@ class Backbone:
         self.architecture = alias.architecture if alias is not None else name
         self.weights_id = _state_hash(self.model)
         self.device = resolve_device(device)
-        self.model.to(self.device)
+        # channels-last weights and inputs: the convolutions' fast layout (measured: Lite0's forward 1.7x faster on
+        # one CPU thread); the feature maps handed out are plain contiguous NCHW either way
+        self.model.to(self.device, memory_format=torch.channels_last)
         if alias is not None:  # timm's pretrained_cfg describes the 518 px pretraining size, not this model's
             self.preprocessing = Preprocessing(size=int(self.model.patch_embed.img_size[0]), mean=tuple(alias.mean),
                                                std=tuple(alias.std), interpolation=alias.interpolation,
@@ -301,7 +303,8 @@ class Backbone:
 
     def identity(self) -> dict:
         """Returns what identifies this backbone's features (name, weights hash, preprocessing)."""
-        return {"backbone": self.name, "weights": self.weights_id, "preprocessing": vars(self.preprocessing)}
+        return {"backbone": self.name, "weights": self.weights_id, "preprocessing": vars(self.preprocessing),
+                "memory_format": "channels_last"}  # the layout changes the last bits of the features
 
     def _token_layout(self, n: int, layer: str) -> tuple[int, int, int]:
         """Returns (prefix tokens, grid height, grid width) for a layer giving ``n`` tokens per image.
@@ -349,7 +352,7 @@ class Backbone:
 
         def hook_for(layer):
             def hook(module, args, out):
-                captured[layer] = convert(out, layer).float()
+                captured[layer] = convert(out, layer).float().contiguous()
                 if len(captured) == len(self.layers):
                     raise _Captured
 
@@ -357,7 +360,7 @@ class Backbone:
 
         handles = [modules[layer].register_forward_hook(hook_for(layer)) for layer in self.layers]
         try:
-            self.model(x.to(self.device))
+            self.model(x.to(self.device).contiguous(memory_format=torch.channels_last))
         except _Captured:
             pass
         finally:
@@ -379,12 +382,12 @@ class Backbone:
         captured: dict[str, torch.Tensor] = {}
 
         def hook(module, args, out):
-            captured[layer] = self._to_nchw(out, layer).float()
+            captured[layer] = self._to_nchw(out, layer).float().contiguous()
             raise _Captured
 
         handle = modules[layer].register_forward_hook(hook)
         try:
-            self.model(x.to(self.device))
+            self.model(x.to(self.device).contiguous(memory_format=torch.channels_last))
         except _Captured:
             pass
         finally:

@@ -165,6 +165,7 @@ def test_feature_matching_compares_the_backbones_own_features_with_gradients(sto
     feats = match(images)
     want = backbone.features(to_uint8_images(photos, side))["blocks.4"]
     assert torch.allclose(feats.detach(), want, atol=1e-4)
+    assert feats.is_contiguous() and want.is_contiguous()  # channels-last inside, plain NCHW handed out
     assert torch.allclose(feature_cosine(feats.detach(), want), torch.ones(2), atol=1e-5)
     (1 - feature_cosine(feats, want).mean()).backward()
     assert images.grad is not None and images.grad.abs().sum() > 0

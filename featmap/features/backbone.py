@@ -346,19 +346,22 @@ class Backbone:
                              "no prefix tokens")
         return out[:, 0]
 
-    def _capture(self, x: torch.Tensor, convert) -> dict[str, torch.Tensor]:
+    def _capture(self, x: torch.Tensor, convert, layers: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Runs the model on a normalised batch until every one of ``layers`` (default: all hooked) has output;
+        returns {layer: convert(output) as contiguous float32}. Gradients flow unless the caller turns them off."""
+        layers = self.layers if layers is None else layers
         captured: dict[str, torch.Tensor] = {}
         modules = dict(self.model.named_modules())
 
         def hook_for(layer):
             def hook(module, args, out):
                 captured[layer] = convert(out, layer).float().contiguous()
-                if len(captured) == len(self.layers):
+                if len(captured) == len(layers):
                     raise _Captured
 
             return hook
 
-        handles = [modules[layer].register_forward_hook(hook_for(layer)) for layer in self.layers]
+        handles = [modules[layer].register_forward_hook(hook_for(layer)) for layer in layers]
         try:
             self.model(x.to(self.device).contiguous(memory_format=torch.channels_last))
         except _Captured:
@@ -366,7 +369,7 @@ class Backbone:
         finally:
             for h in handles:
                 h.remove()
-        return {layer: captured[layer] for layer in self.layers}
+        return {layer: captured[layer] for layer in layers}
 
     @torch.inference_mode()
     def forward_layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -378,21 +381,7 @@ class Backbone:
         ``x`` (the forward stops at the layer): what a feature-matching loss backpropagates through."""
         if layer not in self.layers:
             raise ValueError(f"{self.name} is not hooked at {layer!r} (hooked: {self.layers})")
-        modules = dict(self.model.named_modules())
-        captured: dict[str, torch.Tensor] = {}
-
-        def hook(module, args, out):
-            captured[layer] = self._to_nchw(out, layer).float().contiguous()
-            raise _Captured
-
-        handle = modules[layer].register_forward_hook(hook)
-        try:
-            self.model(x.to(self.device).contiguous(memory_format=torch.channels_last))
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        return captured[layer]
+        return self._capture(x, self._to_nchw, [layer])[layer]
 
     def features(self, images: np.ndarray) -> dict[str, torch.Tensor]:
         """Returns {layer: (B, C, H, W) float32 on the CPU} for (B, S, S, 3) uint8 images."""

@@ -152,8 +152,12 @@ def run_summary(result) -> str:
 
 
 def judge(table: pd.DataFrame) -> pd.DataFrame:
-    """Returns the image-space judge's sanity line per edit and layer (``claims.judge_sanity``)."""
-    return claims.judge_sanity(table)
+    """Returns the image-space judge's sanity line per edit and layer (``claims.judge_sanity``) as a page shows it:
+    short column names, the backbone column only when there is more than one."""
+    out = claims.judge_sanity(table).rename(columns={
+        "manipulation": "edit", "target_cos_reextract_median": "re-extraction", "target_lpips": "LPIPS, true map",
+        "unrelated_lpips": "LPIPS, unrelated photo", "judge_ok": "sees"})
+    return out.drop(columns="backbone") if out["backbone"].nunique() <= 1 else out
 
 
 IMAGE_COLUMNS = ("ssim", "lpips", "st_lpips", "cos_reextract_median", "ssim_vs_inv_target", "lpips_vs_inv_target",

@@ -4,7 +4,7 @@ import torch
 
 import featmap.maps.learned as learned
 import featmap.train.loop as training
-from featmap.maps.base import MapOptions, get_mapping
+from featmap.maps.base import MAP_SIZES, MapOptions, get_mapping
 from featmap.maps.stats import LinearStats, PositionStats
 from featmap.score.metrics import cos_mean
 from featmap.train.loop import TrainConfig, train_map
@@ -111,6 +111,21 @@ def test_reference_loss_is_zero_for_a_perfect_prediction_and_grows_with_error():
     y = torch.randn(4, 6, 3, 3)
     assert training.reference_loss(y, y).item() == pytest.approx(0.0, abs=1e-6)
     assert training.reference_loss(y + 0.1, y) < training.reference_loss(y + 1.0, y) < training.reference_loss(-y, y)
+
+
+def test_attention_dropout_is_its_own_setting_and_follows_dropout_when_unset():
+    x = torch.randn(2, 6, 4, 4)
+    # unset: torch's layer, dropout on the attention weights too (the reference's); small: none there
+    assert learned.TokenTransformer(6, 16, 8, 1, 2, 16, 0.2, False).encoder.layers[0].self_attn.dropout == 0.2
+    small = learned.build_net("transformer", 6, 16, MAP_SIZES["small"])
+    assert all(layer.self_attn.dropout == 0.0 for layer in small.encoder.layers)
+    assert all(layer.self_attn.dropout == 0.2 for layer in
+               learned.build_net("transformer", 6, 16, MAP_SIZES["reference"]).encoder.layers)
+    # wired into the forward pass: with every other dropout off, training mode is random only through attention
+    for attention, random in ((0.0, False), (0.5, True)):
+        torch.manual_seed(0)
+        net = learned.TokenTransformer(6, 16, 8, 1, 2, 16, 0.0, False, attention_dropout=attention).train()
+        assert torch.equal(net(x), net(x)) is not random, attention
 
 
 def _train(seed, tmp_path=None, max_epochs=5):

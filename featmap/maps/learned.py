@@ -41,10 +41,13 @@ class TokenTransformer(nn.Module):
     positional embeddings (without them the map is permutation-equivariant over positions)."""
 
     def __init__(self, channels: int, positions: int, hidden: int, layers: int, heads: int, ffn: int,
-                 dropout: float, positional: bool):
+                 dropout: float, positional: bool, attention_dropout: float | None = None):
         super().__init__()
         self.inp, self.out = nn.Linear(channels, hidden), nn.Linear(hidden, channels)
         layer = nn.TransformerEncoderLayer(hidden, heads, ffn, dropout, activation="relu", batch_first=True)
+        # Dropout on the attention weights (``dropout`` when None, as torch's layer does). At 0, torch's fused
+        # attention kernel runs; any other value materialises the (tokens x tokens) weights and their random mask.
+        layer.self_attn.dropout = dropout if attention_dropout is None else attention_dropout
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.pos = nn.Parameter(torch.randn(1, positions, hidden) * 0.02) if positional else None
 
@@ -89,7 +92,7 @@ def build_net(name: str, channels: int, positions: int, size: dict, residual: bo
         last = net[-1]
     elif name in ("transformer", "transformer_pe"):
         net = TokenTransformer(channels, positions, h, size["layers"], size["heads"], size["ffn"], p,
-                               positional=name == "transformer_pe")
+                               positional=name == "transformer_pe", attention_dropout=size.get("attention_dropout"))
         last = net.out
     else:
         raise ValueError(f"no network for {name!r}")

@@ -1,9 +1,12 @@
 """The Inverter interface contract, and the default decoder: it learns, it is cached, it resumes."""
+import os
+
 import numpy as np
 import pytest
 import torch
 
 import featmap.core.io as io
+import featmap.score.inversion as inversion
 from featmap.data.images import ImageSet, View, to_uint8_images
 from featmap.edits.manipulations import get_manipulation
 from featmap.features.store import FeatureCache, FeatureStore
@@ -177,3 +180,28 @@ def test_feature_matching_compares_the_backbones_own_features_with_gradients(sto
     assert plain.key != with_features.key and with_features.epochs_run == 1
     with pytest.raises(ValueError, match="feature_weight must be >= 0"):
         InverterConfig(feature_weight=-1.0)
+
+
+def test_the_training_precision_is_checked_resolved_and_part_of_the_key(monkeypatch):
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16, got 'half'"):
+        InverterConfig(precision="half")
+    assert InverterConfig(precision="float32").train_dtype() is None
+    assert InverterConfig(precision="bfloat16").train_dtype() is torch.bfloat16
+    assert InverterConfig(precision="float32").identity()["precision"] == "float32"
+    assert InverterConfig(precision="bfloat16").identity()["precision"] == "bfloat16"
+    # auto: bfloat16 only where the device computes it natively; the key holds the resolved precision
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(inversion, "native_bfloat16", lambda device, native=native: native)
+        assert InverterConfig(precision="auto", device="cpu").identity()["precision"] == expected
+    monkeypatch.undo()
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    assert inversion.native_bfloat16(torch.device("cpu")) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_a_bfloat16_decoder_learns_like_a_float32_one(store, views, tmp_path):
+    data = InverterData.from_store(store, views, MIRROR, "blocks.4", SMALL.image_size)
+    scores = {}
+    for precision in ("float32", "bfloat16"):
+        cfg = InverterConfig(**{**SMALL.__dict__, "epochs": 30, "precision": precision})
+        scores[precision] = skimage_ssim(fit_decoder(data, "blocks.4", cfg, tmp_path, progress=False), data).mean()
+    assert scores["bfloat16"] > 0.5 and abs(scores["bfloat16"] - scores["float32"]) < 0.05, scores

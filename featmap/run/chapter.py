@@ -160,8 +160,8 @@ def inverters_for(config: RunConfig, store: FeatureStore, split: Split,
     if unknown:
         raise ValueError(f"inverters given for {unknown}, which are not among layers {store.backbone.layers}")
     edits = [get_manipulation(n) for n in config.inverter_manipulations]
-    options = InverterConfig(image_size=config.inverter_size, epochs=config.inverter_epochs, seed=config.seed,
-                             device=config.device)
+    options = InverterConfig(image_size=config.inverter_size, epochs=config.inverter_epochs,
+                             precision=config.inverter_precision, seed=config.seed, device=config.device)
     return {layer: given.get(layer) or train_inverter(store, split.views("train", 1), edits, layer, options,
                                                       config.cache_dir, val_views=split.views("val", 1))
             for layer in layers}

@@ -11,6 +11,7 @@ from featmap.core.registry import UnknownNameError
 from featmap.edits.editors import EDITORS
 from featmap.edits.manipulations import FAMILIES, MANIPULATIONS
 from featmap.maps.base import MAP_SIZES, MAPPINGS
+from featmap.score.inversion import PRECISIONS
 
 SPATIAL_MODES = ("none", "applied", "learned")
 # The default inverter learns from training photos under no edit and these (one per kind of edit), the same for
@@ -108,6 +109,8 @@ DOCS = {
     "image_photos": "test photos scored in image space (None: all); ST-LPIPS costs about 0.05 s a pair on a core",
     "inverter_size": "the default inverter's output side in pixels",
     "inverter_epochs": "the default inverter's training epochs",
+    "inverter_precision": "the inverter's training pass: auto (bfloat16 where the CPU or GPU computes it natively, "
+                          "else float32), float32, bfloat16",
     "inverter_manipulations": "edits the inverter learns from (with the originals)",
     "editor_params": "per editor, keyword arguments, e.g. {object_recolor: {colour: red}}",
     "edit_manifest": "a CSV (original,edited,edit[,prompt,seed]) of edits made elsewhere; its photos replace images",
@@ -153,6 +156,7 @@ class RunConfig:
     image_photos: int | None = 16
     inverter_size: int = 56
     inverter_epochs: int = 8
+    inverter_precision: str = "auto"
     inverter_manipulations: list[str] = field(default_factory=lambda: list(INVERTER_MANIPULATIONS))
     editor_params: dict = field(default_factory=dict)
     edit_manifest: str | None = None
@@ -207,6 +211,9 @@ class RunConfig:
         self.image_photos = _check_number("image_photos", self.image_photos, int, 1, allow_none=True)
         self.inverter_size = _check_number("inverter_size", self.inverter_size, int, 16, 1024)
         self.inverter_epochs = _check_number("inverter_epochs", self.inverter_epochs, int, 1, 10000)
+        if self.inverter_precision not in PRECISIONS:
+            raise ValueError(f"inverter_precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{self.inverter_precision!r}")
         for name in ("learned_layers", "semantic_layers", "image_layers"):
             value = getattr(self, name)
             if value == [] and name == "image_layers":

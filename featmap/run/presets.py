@@ -17,7 +17,7 @@ COMMON = ["backbone", "weights", "layers", "images", "skip_bad_images", "max_ima
           "ridge", "semantic_layers", "learned_layers", "map_size", "max_epochs", "lr", "train_batch", "residual",
           "test_fraction", "val_fraction", "train_views", "seed", "batch_size", "device", "threads", "bootstrap",
           "cache_dir", "image_layers", "image_mappings", "image_photos", "inverter_size", "inverter_epochs",
-          "inverter_manipulations"]
+          "inverter_precision", "inverter_manipulations"]
 
 
 @dataclass(frozen=True)

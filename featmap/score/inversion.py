@@ -117,6 +117,11 @@ class InverterConfig:
     # photo), both through the backbone at its input size (feature matching; where a judge backbone is given)
     feature_weight: float = 0.0
     feature_samples: int = 4     # ... on this many samples of each (shuffled) batch: the backbone pass costs most
+    # the training forward pass: float32, bfloat16 (autocast; weights, loss and inference stay float32), or auto:
+    # bfloat16 where the device computes it natively (CUDA with bfloat16, a CPU with AVX512-BF16 or AMX), else
+    # float32. The resolved one is part of the cache key. Measured on one CPU thread with AVX512-BF16: a training
+    # step of the blocks.2 decoder (32 samples) 0.52 -> 0.28 s.
+    precision: str = "auto"
     seed: int = 0
     device: str = "auto"
 
@@ -127,10 +132,40 @@ class InverterConfig:
         for name in ("ssim_weight", "feature_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"InverterConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"InverterConfig.precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{self.precision!r}")
+
+    def train_dtype(self) -> torch.dtype | None:
+        """Returns the autocast dtype of the training forward pass (None: float32), ``auto`` resolved here."""
+        if self.precision == "auto":
+            return torch.bfloat16 if native_bfloat16(resolve_device(self.device)) else None
+        return PRECISIONS[self.precision]
 
     def identity(self) -> dict:
-        """Returns the fields that determine the trained weights (all but ``device``)."""
-        return {k: v for k, v in asdict(self).items() if k != "device"}
+        """Returns the fields that determine the trained weights: all but ``device``, with the precision resolved
+        (an ``auto`` inverter trained in bfloat16 is never read where float32 would run, nor the reverse)."""
+        out = {k: v for k, v in asdict(self).items() if k != "device"}
+        dtype = self.train_dtype()
+        out["precision"] = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+        return out
+
+
+PRECISIONS = {"auto": None, "float32": None, "bfloat16": torch.bfloat16}
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Returns whether ``device`` computes bfloat16 natively: a CUDA device that supports it, or a Linux CPU whose
+    flags list avx512_bf16 or amx_bf16 (elsewhere oneDNN emulates bfloat16, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class DecoderNet(nn.Module):
@@ -158,7 +193,7 @@ class DecoderNet(nn.Module):
         x = self.head(self.blocks(self.proj(x)))  # (B, 3, side * 2^k, ...)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return torch.sigmoid(x).contiguous()
+        return torch.sigmoid(x.float()).contiguous()  # float32 images also from a bfloat16 (autocast) pass
 
 
 class DecoderInverter(Inverter):
@@ -308,7 +343,8 @@ def inverter_recipe(config: InverterConfig, features: FeatureMatch | None = None
                                feature_weight=config.feature_weight, feature_samples=config.feature_samples),
                   optimizer=AdamW(config.lr, config.weight_decay), schedule=Cosine(config.epochs),
                   stopping=Stopping(config.epochs), batch_size=config.batch_size, seed=config.seed,
-                  shuffle_stream="inverter-shuffle", dropout_stream=None, metrics={"ssim_torch": ssim_torch})
+                  shuffle_stream="inverter-shuffle", dropout_stream=None, metrics={"ssim_torch": ssim_torch},
+                  autocast=config.train_dtype())
 
 
 def inverter_path(key: str, cache_dir: str | Path | None = None) -> Path:

@@ -135,6 +135,9 @@ class Recipe:
     dropout_stream: str | None = "dropout"  # torch's global seed per epoch, for dropout; None: left alone
     min_batch: int = 1                      # smaller batches are skipped (batch norm needs two samples)
     metrics: Mapping[str, Callable] = field(default_factory=dict)  # per-sample validation scores, recorded
+    # mixed precision: the training forward pass under torch.autocast to this dtype (weights, gradients, the
+    # optimizer, the loss and validation stay float32); None: float32 throughout
+    autocast: torch.dtype | None = None
 
 
 def _unchanged(y: torch.Tensor) -> torch.Tensor:
@@ -256,7 +259,12 @@ def fit(net: nn.Module, recipe: Recipe, train: Pairs, val: Pairs | None = None, 
                 continue  # a single-sample batch breaks batch norm (and every process needs a sample)
             mine = strategy.share(idx)
             x, target = train.batch(mine, device)
-            loss = recipe.loss(model(x), target)
+            if recipe.autocast is None:
+                loss = recipe.loss(model(x), target)
+            else:
+                with torch.autocast(device.type, dtype=recipe.autocast):
+                    out = model(x)
+                loss = recipe.loss(out.float(), target)
             opt.zero_grad(set_to_none=True)
             strategy.weight(loss, mine, idx).backward()
             opt.step()

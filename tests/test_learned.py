@@ -107,6 +107,18 @@ def test_normalisation_round_trips():
     assert torch.allclose(NormalizedMap(torch.nn.Identity(), norm)(x), x, atol=1e-5)
 
 
+def test_the_loss_cosine_is_torchs_cosine_in_value_and_gradient():
+    a = torch.randn(5, 7, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 7, 3, 3, dtype=torch.float64)
+    b[0, :, 0, 0] = 0  # a zero vector: cosine 0, as torch's
+    ours, theirs = training.channel_cosine(a, b), torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-8)
+    assert ours.shape == (5, 3, 3) and ours[0, 0, 0] == 0
+    assert torch.allclose(ours, theirs, atol=1e-12)
+    grad_ours, = torch.autograd.grad(ours.sum(), a)
+    grad_theirs, = torch.autograd.grad(theirs.sum(), a)
+    assert torch.allclose(grad_ours, grad_theirs, atol=1e-10)
+
+
 def test_reference_loss_is_zero_for_a_perfect_prediction_and_grows_with_error():
     y = torch.randn(4, 6, 3, 3)
     assert training.reference_loss(y, y).item() == pytest.approx(0.0, abs=1e-6)

@@ -111,6 +111,29 @@ def test_views_are_square_seeded_and_differ(photo_dir):
     assert not np.array_equal(crop1, ImageSet.view(View(photo, 2), 96, seed=0))
 
 
+def test_a_view_is_decoded_once_per_process_and_handed_out_read_only(photo_dir, monkeypatch):
+    import featmap.data.images as images
+
+    monkeypatch.setattr(images, "_VIEWS", images.OrderedDict())
+    monkeypatch.setattr(images, "VIEW_MEMO", 2)
+    photos = ImageSet.from_folder(photo_dir).photos[:3]
+    decoded = []
+    real = images.load_rgb
+    monkeypatch.setattr(images, "load_rgb", lambda path: decoded.append(path) or real(path))
+    first = ImageSet.view(View(photos[0], 1), 64, seed=3)
+    with pytest.raises(ValueError, match="read-only"):
+        first[:] = 0  # shared by every caller: nobody changes it
+    again = ImageSet.view(View(photos[0], 1), 64, seed=3)
+    assert len(decoded) == 1 and again is first
+    assert np.array_equal(again, square_view(real(photos[0].path), 64, random_crop=(
+        images.derive_seed(3, "view", photos[0].id, 1), 35, True)))
+    ImageSet.view(View(photos[0], 1), 64, seed=4)  # another seed is another view
+    ImageSet.view(View(photos[1], 0), 64)
+    ImageSet.view(View(photos[2], 0), 64)  # three more views: the memo keeps the last two only
+    ImageSet.view(View(photos[0], 1), 64, seed=3)
+    assert len(decoded) == 5
+
+
 def test_centre_view_of_any_aspect_ratio():
     wide = np.zeros((30, 300, 3), np.uint8)
     wide[:, 140:160] = 255

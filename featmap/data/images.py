@@ -12,6 +12,7 @@ import csv
 import hashlib
 import re
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -27,6 +28,8 @@ from featmap.core.seeding import derive_seed, rng_for
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+VIEW_MEMO = 512  # views kept per process by ImageSet.view (a 224 px view is 147 KiB: 75 MiB at most)
+_VIEWS: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                   "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
@@ -422,12 +425,27 @@ class ImageSet:
     @staticmethod
     def view(view: View, size: int, interpolation: str = "bicubic", crop_pct: float = 1.0, seed: int = 0,
              crop_scale_min: float = 0.35) -> np.ndarray:
-        """Returns the (size, size, 3) uint8 image of ``view``."""
+        """Returns the (size, size, 3) uint8 image of ``view``, read-only.
+
+        The last ``VIEW_MEMO`` views made in this process are kept by (the photo's content, the view's
+        settings): a run asks for the same view many times (each semantic edit checks its masks and partners on
+        every photo), and decoding and resizing a photo costs milliseconds each time."""
+        key = (view.photo.sha256, view.photo.id, view.index, size, interpolation, crop_pct,
+               (seed, crop_scale_min) if view.index else None)
+        if key in _VIEWS:
+            _VIEWS.move_to_end(key)
+            return _VIEWS[key]
         image = load_rgb(view.photo.path)
         if view.index == 0:
-            return square_view(image, size, interpolation, crop_pct)
-        crop_seed = derive_seed(seed, "view", view.photo.id, view.index)
-        return square_view(image, size, interpolation, random_crop=(crop_seed, round(crop_scale_min * 100), True))
+            out = square_view(image, size, interpolation, crop_pct)
+        else:
+            crop_seed = derive_seed(seed, "view", view.photo.id, view.index)
+            out = square_view(image, size, interpolation, random_crop=(crop_seed, round(crop_scale_min * 100), True))
+        out.setflags(write=False)  # shared by every caller of this view
+        _VIEWS[key] = out
+        while len(_VIEWS) > VIEW_MEMO:
+            _VIEWS.popitem(last=False)
+        return out
 
     def describe(self) -> "list[dict]":
         """Returns one dict per photo: id, source, label, licence, width, height, bytes, subject, group (the

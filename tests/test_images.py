@@ -115,7 +115,7 @@ def test_a_view_is_decoded_once_per_process_and_handed_out_read_only(photo_dir, 
     import featmap.data.images as images
 
     monkeypatch.setattr(images, "_VIEWS", images.OrderedDict())
-    monkeypatch.setattr(images, "VIEW_MEMO", 2)
+    monkeypatch.setattr(images, "VIEW_MEMO_BYTES", 2 * 64 * 64 * 3)  # two 64 px views
     photos = ImageSet.from_folder(photo_dir).photos[:3]
     decoded = []
     real = images.load_rgb

@@ -28,7 +28,7 @@ from featmap.core.seeding import derive_seed, rng_for
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
-VIEW_MEMO = 512  # views kept per process by ImageSet.view (a 224 px view is 147 KiB: 75 MiB at most)
+VIEW_MEMO_BYTES = 96 << 20  # views kept per process by ImageSet.view, at most this many bytes (a 224 px view: 147 KiB)
 _VIEWS: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                   "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
@@ -427,8 +427,8 @@ class ImageSet:
              crop_scale_min: float = 0.35) -> np.ndarray:
         """Returns the (size, size, 3) uint8 image of ``view``, read-only.
 
-        The last ``VIEW_MEMO`` views made in this process are kept by (the photo's content, the view's
-        settings): a run asks for the same view many times (each semantic edit checks its masks and partners on
+        The views made last in this process (``VIEW_MEMO_BYTES`` of them) are kept by (the photo's content, the
+        view's settings): a run asks for the same view many times (each semantic edit checks its masks and partners on
         every photo), and decoding and resizing a photo costs milliseconds each time."""
         key = (view.photo.sha256, view.photo.id, view.index, size, interpolation, crop_pct,
                (seed, crop_scale_min) if view.index else None)
@@ -443,8 +443,9 @@ class ImageSet:
             out = square_view(image, size, interpolation, random_crop=(crop_seed, round(crop_scale_min * 100), True))
         out.setflags(write=False)  # shared by every caller of this view
         _VIEWS[key] = out
-        while len(_VIEWS) > VIEW_MEMO:
-            _VIEWS.popitem(last=False)
+        held = sum(v.nbytes for v in _VIEWS.values())
+        while held > VIEW_MEMO_BYTES and len(_VIEWS) > 1:
+            held -= _VIEWS.popitem(last=False)[1].nbytes
         return out
 
     def describe(self) -> "list[dict]":

@@ -100,3 +100,12 @@ def test_the_old_flat_import_paths_keep_working():
     assert inversion.CallableInverter.__module__ == "featmap.score.inversion" and PairData and run_chapter
     with pytest.raises(ImportError, match="nothing"):
         from featmap.metrics import nothing  # noqa: F401
+
+
+def test_position_cosines_are_torchs_cosines_in_float64():
+    pred, true = torch.randn(3, 5, 4, 4), torch.randn(3, 5, 4, 4)
+    true[1, :, 2, 2] = 0  # a zero vector: cosine 0
+    ours = position_cosines(pred, true)
+    theirs = torch.nn.functional.cosine_similarity(pred.double(), true.double(), dim=1, eps=1e-8).flatten(1)
+    assert ours.dtype == torch.float64 and ours.shape == (3, 16) and ours[1, 10] == 0
+    assert torch.allclose(ours, theirs, atol=1e-12)

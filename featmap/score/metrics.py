@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from featmap.core.registry import Registry
+from featmap.train.loop import channel_cosine
 
 
 def _check_pair(pred: torch.Tensor, true: torch.Tensor) -> None:
@@ -18,9 +18,10 @@ def _check_pair(pred: torch.Tensor, true: torch.Tensor) -> None:
 
 
 def position_cosines(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """Returns (B, H*W): cosine between predicted and true channel vectors at each position (eps 1e-8)."""
+    """Returns (B, H*W): cosine between predicted and true channel vectors at each position, in float64:
+    p.t / max(|p| |t|, 1e-8) (``channel_cosine``; 0 where a vector is zero)."""
     _check_pair(pred, true)
-    return F.cosine_similarity(pred.double(), true.double(), dim=1, eps=1e-8).flatten(1)
+    return channel_cosine(pred.double(), true.double()).flatten(1)
 
 
 def cos_mean(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ def channel_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch
 
     ``F.cosine_similarity`` up to rounding (it clamps each norm at ``eps`` instead of their product), in three
     reductions: measured on one CPU thread, forward and backward of (64, 320, 7, 7) maps 11.4 -> 2.7 ms. The loss
-    runs it at every training step."""
+    runs it at every training step, and the scores' cosines (``featmap.score.metrics``) in float64."""
     return (a * b).sum(1) / (a.pow(2).sum(1) * b.pow(2).sum(1)).clamp_min(eps * eps).sqrt()
 
 

@@ -33,6 +33,8 @@ def test_defaults_are_valid_and_printable():
     ({"images": None}, TypeError, "images must be a non-empty string"),
     ({"chapter": "my chapter"}, ValueError, "chapter must be a plain name"),
     ({"threads": True}, TypeError, "threads must be an integer"),
+    ({"inverter_precision": "half"}, ValueError,
+     "inverter_precision must be one of auto, float32, bfloat16, got 'half'"),
 ])
 def test_wrong_parameters_name_themselves(kw, error, match):
     with pytest.raises(error, match=match):

@@ -56,6 +56,21 @@ def test_features_equal_the_models_own_stage_outputs(lite0):
     assert torch.allclose(ours, h, atol=1e-5)
 
 
+def test_features_of_some_layers_stop_the_forward_at_the_deepest(lite0):
+    images = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    every = lite0.features(images)
+    ran = []
+    hook = lite0.model.blocks[5].register_forward_hook(lambda *_: ran.append("blocks.5"))
+    try:
+        early = lite0.features(images, ["blocks.4"])
+    finally:
+        hook.remove()
+    assert list(early) == ["blocks.4"] and torch.equal(early["blocks.4"], every["blocks.4"])
+    assert ran == []  # nothing after blocks.4 ran
+    with pytest.raises(ValueError, match=r"hooked layers \['blocks.4', 'blocks.6'\], got \['blocks.2'\]"):
+        lite0.features(images, ["blocks.2"])
+
+
 @pytest.mark.parametrize("name,layer", [
     ("swin_tiny_patch4_window7_224", "layers.1"),  # timm Swin stages are NHWC
     ("vit_tiny_patch16_224", "blocks.3"),  # ViT blocks give tokens, with a class token

@@ -372,9 +372,18 @@ class Backbone:
         return {layer: captured[layer] for layer in layers}
 
     @torch.inference_mode()
-    def forward_layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Returns {layer: (B, C, H, W) float32} for a normalised (B, 3, S, S) batch."""
-        return self._capture(x, self._to_nchw)
+    def forward_layers(self, x: torch.Tensor, layers: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Returns {layer: (B, C, H, W) float32} for a normalised (B, 3, S, S) batch: every hooked layer, or only
+        ``layers`` (hooked ones; the forward pass stops at the deepest of them)."""
+        return self._capture(x, self._to_nchw, self._hooked(layers))
+
+    def _hooked(self, layers: list[str] | None) -> list[str] | None:
+        if layers is not None:
+            unknown = [layer for layer in layers if layer not in self.layers]
+            if isinstance(layers, str) or not layers or unknown:
+                raise ValueError(f"layers must be a non-empty list of {self.name}'s hooked layers {self.layers}, "
+                                 f"got {layers!r}")
+        return layers
 
     def layer_output(self, x: torch.Tensor, layer: str) -> torch.Tensor:
         """Returns ``layer``'s (B, C, H, W) map for a normalised (B, 3, S, S) batch, differentiable with respect to
@@ -383,9 +392,11 @@ class Backbone:
             raise ValueError(f"{self.name} is not hooked at {layer!r} (hooked: {self.layers})")
         return self._capture(x, self._to_nchw, [layer])[layer]
 
-    def features(self, images: np.ndarray) -> dict[str, torch.Tensor]:
-        """Returns {layer: (B, C, H, W) float32 on the CPU} for (B, S, S, 3) uint8 images."""
-        return {k: v.cpu() for k, v in self.forward_layers(self.preprocessing.normalize(images)).items()}
+    def features(self, images: np.ndarray, layers: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Returns {layer: (B, C, H, W) float32 on the CPU} for (B, S, S, 3) uint8 images: every hooked layer, or
+        only ``layers`` (the forward pass stops at the deepest of them: a judge at an early layer runs the early
+        blocks only)."""
+        return {k: v.cpu() for k, v in self.forward_layers(self.preprocessing.normalize(images), layers).items()}
 
     @torch.inference_mode()
     def class_tokens(self, images: np.ndarray) -> dict[str, torch.Tensor]:

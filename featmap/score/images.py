@@ -211,8 +211,9 @@ def reextract_cosines(backbone, layer: str, a: np.ndarray, b: np.ndarray,
                          "build the Backbone with it")
     size = backbone.preprocessing.size
     a, b = to_uint8_images(a, size), to_uint8_images(b, size)
-    out = [position_cosines(backbone.features(a[i:i + batch_size])[layer],
-                            backbone.features(b[i:i + batch_size])[layer]) for i in range(0, len(a), batch_size)]
+    out = [position_cosines(backbone.features(a[i:i + batch_size], [layer])[layer],
+                            backbone.features(b[i:i + batch_size], [layer])[layer])
+           for i in range(0, len(a), batch_size)]
     return torch.cat(out)
 
 

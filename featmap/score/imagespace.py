@@ -71,7 +71,7 @@ class ImageScorer:
     def _features(self, images: np.ndarray) -> torch.Tensor:
         side = self.judge.preprocessing.size
         images = to_uint8_images(images, side)
-        return torch.cat([self.judge.features(images[i:i + self.batch])[self.layer]
+        return torch.cat([self.judge.features(images[i:i + self.batch], [self.layer])[self.layer]
                           for i in range(0, len(images), self.batch)])
 
     def _compare(self, images: np.ndarray, feats: torch.Tensor, reference: np.ndarray,

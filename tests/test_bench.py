@@ -134,16 +134,18 @@ RECORD = """
 import json, os, time, torch
 from pathlib import Path
 out = Path(os.environ["TINY_BOOK_OUT"])
-seen = sorted(p.stem for p in out.glob("*.json"))
+start, seen = time.time(), sorted(p.stem for p in out.glob("*.json"))
+time.sleep(0.5)
 (out / (os.environ["FEATMAP_BOOK_CHAPTER"] + ".json")).write_text(json.dumps(
-    {"label": label, "threads": torch.get_num_threads(), "start": time.time(), "seen": seen}))
+    {"label": label, "threads": torch.get_num_threads(), "start": start, "end": time.time(), "seen": seen}))
 """
 
 
 def test_the_book_runner_runs_chapters_side_by_side_with_its_thread_policy(tmp_path):
     """``run_book`` runs independent chapters two at once, each in its own papermill process with cores // jobs torch
-    threads, the summary after them with the parameters given; it writes every finished chapter's seconds and the
-    wall time, also when one fails; a failing chapter stops the run with its error, or is recorded (keep_going)."""
+    threads, then the summary and the intro side by side after them, with the parameters given; it writes every
+    finished chapter's seconds and the wall time, also when one fails; a failing chapter stops the run with its
+    error, or is recorded (keep_going)."""
     import os
 
     from featmap.run.book import main, run_book
@@ -151,19 +153,21 @@ def test_the_book_runner_runs_chapters_side_by_side_with_its_thread_policy(tmp_p
     book, out = tmp_path / "book", tmp_path / "out"
     book.mkdir()
     out.mkdir()
-    for name in ("data", "geometric", "summary"):
+    for name in ("data", "geometric", "summary", "intro"):
         _tiny_notebook(book / f"{name}.ipynb", RECORD)
     _tiny_notebook(book / "broken.ipynb", "raise ValueError('a failing chapter')")
     env, timings = {"TINY_BOOK_OUT": str(out)}, tmp_path / "timings.json"
-    run = run_book(["summary", "data", "geometric"], book, tmp_path / "stage", timings, jobs=2,
+    run = run_book(["summary", "data", "intro", "geometric"], book, tmp_path / "stage", timings, jobs=2,
                    parameters={"geometric": {"label": "given"}}, env=env)
-    seen = {name: json.loads((out / f"{name}.json").read_text()) for name in ("data", "geometric", "summary")}
+    seen = {name: json.loads((out / f"{name}.json").read_text()) for name in ("data", "geometric", "summary", "intro")}
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     assert {name: r["threads"] for name, r in seen.items()} == dict.fromkeys(seen, threads)
     assert seen["geometric"]["label"] == "given" and seen["data"]["label"] == "default"
-    assert seen["summary"]["seen"] == ["data", "geometric"]  # the summary ran after both
+    # the readers ran after both others, side by side
+    assert {"data", "geometric"} <= set(seen["summary"]["seen"]) & set(seen["intro"]["seen"])
+    assert seen["intro"]["start"] < seen["summary"]["end"] and seen["summary"]["start"] < seen["intro"]["end"]
     written = json.loads(timings.read_text())
-    assert set(written["chapters"]) == {"data", "geometric", "summary"} and written["complete"]
+    assert set(written["chapters"]) == {"data", "geometric", "summary", "intro"} and written["complete"]
     assert written["jobs"] == 2 and written["threads_per_chapter"] == threads and _is_number(written["wall_seconds"])
     assert run.wall < sum(run.seconds.values())  # the two chapters overlapped
     executed = json.loads((tmp_path / "stage" / "book" / "geometric.ipynb").read_text())

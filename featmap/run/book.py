@@ -78,7 +78,8 @@ def fold_injected(path: Path) -> None:
         nbformat.write(nb, path)
 
 
-# Chapters that read the other chapters' results: they run after every other chapter asked for, in the order given.
+# Chapters that read the other chapters' results (and write none): they run after every other chapter asked for, side
+# by side like the others, in the order given.
 READS_RESULTS = ("summary", "intro")
 # The measured cost order of the other chapters (longest first; see the README): a pool of workers takes the longest
 # waiting chapter first, so the last one to start is a short one. Chapters not listed go last, in the order given.
@@ -173,9 +174,9 @@ def run_book(chapters: list[str], book: Path, stage: Path, timings: Path | None 
 
     ``jobs`` chapters run at once (default ``default_jobs()``), each in its own papermill process with
     ``available_cpus() // jobs`` torch threads (the thread policy: never more threads than cores); the chapters that
-    read the others' results (``READS_RESULTS``) run after them. Chapters share their caches safely: entries are
-    written atomically and the costly shared ones (an inverter) are computed once under a lock. ``parameters``:
-    chapter -> the values papermill passes; ``env``: variables every chapter's process gets.
+    read the others' results (``READS_RESULTS``) run after them, also ``jobs`` at once. Chapters share their caches
+    safely: entries are written atomically and the costly shared ones (an inverter) are computed once under a lock.
+    ``parameters``: chapter -> the values papermill passes; ``env``: variables every chapter's process gets.
 
     A failing chapter (papermill writes its notebook, error included) stops the run with its error, stopping the
     chapters still running; with ``keep_going`` it is recorded in ``failed`` and the others go on.
@@ -196,10 +197,10 @@ def run_book(chapters: list[str], book: Path, stage: Path, timings: Path | None 
             failed = next(iter(run.failed), None)
             write_timings(timings, run.seconds, chapters, failed, run.wall, jobs, run.threads)
 
-    for group, width in ((first, jobs), (last, 1)):
+    for group in (first, last):
         waiting, running = list(group), []
         while waiting or running:
-            while waiting and len(running) < width:
+            while waiting and len(running) < jobs:
                 chapter = waiting.pop(0)
                 print(f"book: {chapter} ...", flush=True)
                 running.append(_Chapter(chapter, book.resolve(), stage, progress, run.threads,

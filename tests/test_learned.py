@@ -219,3 +219,36 @@ def test_cnn_fits_a_planted_local_convolution(tmp_path):
     cnn = cos_mean(get_mapping("cnn", options(tmp_path)).fit(data).predict(xt), yt).mean()
     shared = cos_mean(get_mapping("linear", MapOptions(ridge=0.0)).fit(data).predict(xt), yt).mean()
     assert cnn > 0.95 and cnn > shared + 0.1, (float(cnn), float(shared))
+
+
+def test_dropout_keeps_one_minus_p_scaled_and_is_seeded():
+    drop = learned.Dropout(0.2).train()
+    x = torch.ones(400, 1000)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    p = 13107 / 65536  # 0.2 rounded to the 16-bit draws
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.003  # 400,000 draws: sd 0.0006
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))  # kept and scaled: the mean is kept
+    assert abs(y.double().mean().item() - 1) < 0.004
+    assert kept[:, :500].double().mean().item() > 0.78 and kept[:, 500:].double().mean().item() > 0.78
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the training loop seeds torch's generator every epoch
+    assert not torch.equal(drop(x), y)
+    # gradients flow through the kept elements only, with the same scale
+    leaf = torch.randn(64, 32, requires_grad=True)
+    torch.manual_seed(1)
+    drop(leaf).sum().backward()
+    torch.manual_seed(1)
+    assert torch.equal(leaf.grad, (drop(torch.ones(64, 32)) != 0).float() / (1 - p))
+    assert torch.equal(drop.eval()(x), x) and torch.equal(learned.Dropout(0.0).train()(x), x)
+    with pytest.raises(ValueError, match="dropout p must be in"):
+        learned.Dropout(1.0)
+
+
+def test_the_learned_maps_use_the_cheaper_dropout():
+    size = {"hidden": 16, "layers": 1, "heads": 2, "ffn": 32, "dropout": 0.2, "attention_dropout": 0.0}
+    for name in ("mlp", "transformer", "transformer_pe"):
+        net = learned.build_net(name, 8, 16, size, residual=True)
+        kinds = {type(m) for m in net.modules()}
+        assert learned.Dropout in kinds and torch.nn.Dropout not in kinds, name

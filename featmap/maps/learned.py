@@ -25,6 +25,41 @@ if TYPE_CHECKING:
     from featmap.core.distributed import Context
 
 
+class Dropout(nn.Module):
+    """Inverted dropout, as ``nn.Dropout``: in training each element is kept with probability 1 - p and scaled by
+    1 / (1 - p), else zeroed; in eval mode the identity.
+
+    On the CPU the mask costs a quarter of torch's: four 16-bit uniform draws per 64-bit random word (torch draws
+    one word per element), an element kept where its draw clears ``round(p * 65536) / 65536``, so p is that
+    rounding (0.2 -> 0.199997) and 1 / (1 - p) scales exactly. Measured on one thread, (32, 49, 256) activations,
+    forward and backward: 4.27 -> 1.78 ms; the transformers' and MLPs' steps spent 10 to 16% in torch's dropout.
+    Draws come from torch's global generator, which the training loop seeds every epoch. Other devices keep torch's
+    fused dropout."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout p must be in [0, 1), got {p}")
+        self.p = p
+        self.threshold = round(p * 65536)  # of 65536 equally likely draws, this many drop the element
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        if x.device.type != "cpu":
+            return nn.functional.dropout(x, self.threshold / 65536, True)
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
+        keep = words.view(torch.int16)[:n].view(x.shape) >= self.threshold - 32768
+        return x * keep.to(x.dtype).mul_(65536 / (65536 - self.threshold))
+
+    def extra_repr(self) -> str:
+        return f"p={self.threshold / 65536:g}"
+
+
+DROPOUT = "featmap 16-bit mask"  # in a learned map's identity: which dropout drew its masks
+
+
 class PerPosition(nn.Module):
     """Applies a (.., C) -> (.., C') module to every position's channel vector of a (B, C, H, W) map."""
 
@@ -45,6 +80,7 @@ class TokenTransformer(nn.Module):
         super().__init__()
         self.inp, self.out = nn.Linear(channels, hidden), nn.Linear(hidden, channels)
         layer = nn.TransformerEncoderLayer(hidden, heads, ffn, dropout, activation="relu", batch_first=True)
+        layer.dropout, layer.dropout1, layer.dropout2 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
         # Dropout on the attention weights (``dropout`` when None, as torch's layer does). At 0, torch's fused
         # attention kernel runs; any other value materialises the (tokens x tokens) weights and their random mask.
         layer.self_attn.dropout = dropout if attention_dropout is None else attention_dropout
@@ -84,7 +120,7 @@ def build_net(name: str, channels: int, positions: int, size: dict, residual: bo
     if name == "linear_sgd":
         return nn.Conv2d(channels, channels, 1)
     if name == "mlp":
-        net = PerPosition(nn.Sequential(nn.Linear(channels, h), nn.ReLU(), nn.Dropout(p), nn.Linear(h, channels)))
+        net = PerPosition(nn.Sequential(nn.Linear(channels, h), nn.ReLU(), Dropout(p), nn.Linear(h, channels)))
         last = net.net[-1]
     elif name == "cnn":
         net = nn.Sequential(nn.Conv2d(channels, h, 3, padding=1), nn.BatchNorm2d(h), nn.ReLU(), nn.Dropout2d(p),
@@ -107,7 +143,8 @@ class LearnedMapping(Mapping):
     def identity(self, data: FitData) -> str:
         """Returns the content key of this map trained on ``data`` (architecture, size, training, pairs)."""
         size = {} if self.name == "linear_sgd" else {**MAP_SIZES[self.options.size], "residual": self.options.residual}
-        return content_key({"map": self.name, "size": size, "train": asdict(self.options.train), "data": data.key})
+        return content_key({"map": self.name, "size": size, "train": asdict(self.options.train), "data": data.key,
+                            "dropout": DROPOUT})
 
     def fit(self, data: FitData, context: Context | None = None) -> "LearnedMapping":
         """Returns self, trained on ``data`` or loaded from the map cache.

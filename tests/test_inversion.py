@@ -205,3 +205,27 @@ def test_a_bfloat16_decoder_learns_like_a_float32_one(store, views, tmp_path):
         cfg = InverterConfig(**{**SMALL.__dict__, "epochs": 30, "precision": precision})
         scores[precision] = skimage_ssim(fit_decoder(data, "blocks.4", cfg, tmp_path, progress=False), data).mean()
     assert scores["bfloat16"] > 0.5 and abs(scores["bfloat16"] - scores["float32"]) < 0.05, scores
+
+
+def test_the_training_ssim_is_the_windowed_ssim():
+    """Planted: the 7x7 uniform-window SSIM computed window by window in float64 (population variances)."""
+    from featmap.score.inversion import ssim_torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 10, 12, generator=g)
+    y = (0.6 * x + 0.4 * torch.rand(2, 3, 10, 12, generator=g)).clamp(0, 1)
+    c1, c2, w = 0.01 ** 2, 0.03 ** 2, 7
+    want = torch.zeros(2, dtype=torch.float64)
+    for b in range(2):
+        vals = []
+        for c in range(3):
+            for i in range(10 - w + 1):
+                for j in range(12 - w + 1):
+                    px, py = x[b, c, i:i + w, j:j + w].double(), y[b, c, i:i + w, j:j + w].double()
+                    mx, my = px.mean(), py.mean()
+                    vx, vy = ((px - mx) ** 2).mean(), ((py - my) ** 2).mean()
+                    cxy = ((px - mx) * (py - my)).mean()
+                    vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+        want[b] = torch.stack(vals).mean()
+    assert torch.allclose(ssim_torch(x, y).double(), want, atol=1e-5)
+    assert torch.allclose(ssim_torch(x, x), torch.ones(2), atol=1e-5) and float(ssim_torch(x, y).max()) < 0.99

@@ -146,6 +146,7 @@ class InverterConfig:
         """Returns the fields that determine the trained weights: all but ``device``, with the precision resolved
         (an ``auto`` inverter trained in bfloat16 is never read where float32 would run, nor the reverse)."""
         out = {k: v for k, v in asdict(self).items() if k != "device"}
+        out["ssim"] = "depthwise convolution"  # the loss's local means (equal to the pooled ones up to rounding)
         dtype = self.train_dtype()
         out["precision"] = "float32" if dtype is None else str(dtype).removeprefix("torch.")
         return out
@@ -276,16 +277,18 @@ class InverterData:
 
 
 def ssim_torch(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
-    """Returns per-sample SSIM of (B, 3, H, W) images in [0, 1] (uniform ``window`` x ``window`` window, no
-    padding: the window scikit-image uses by default), differentiable: the training loss's structural term.
-    Reported numbers use ``metrics.ssim`` (scikit-image)."""
+    """Returns per-sample SSIM of (B, C, H, W) images in [0, 1] (uniform ``window`` x ``window`` window, no
+    padding: the window scikit-image uses by default; population variances), differentiable: the training loss's
+    structural term. Reported numbers use ``metrics.ssim`` (scikit-image).
+
+    The five local means come from one depthwise convolution with a uniform kernel (on one CPU thread, 32 images of
+    56 px, forward and backward: 54 -> 15 ms against five average-pooling passes; equal to 1e-7)."""
     c1, c2 = 0.01 ** 2, 0.03 ** 2
-
-    def local_mean(t):
-        return F.avg_pool2d(t, window, stride=1)
-
-    mx, my = local_mean(x), local_mean(y)
-    vx, vy, cxy = local_mean(x * x) - mx ** 2, local_mean(y * y) - my ** 2, local_mean(x * y) - mx * my
+    n = x.shape[1]
+    stacked = torch.cat([x, y, x * x, y * y, x * y], 1)
+    kernel = torch.full((5 * n, 1, window, window), 1.0 / window ** 2, dtype=stacked.dtype, device=stacked.device)
+    mx, my, xx, yy, xy = F.conv2d(stacked, kernel, groups=5 * n).split(n, 1)
+    vx, vy, cxy = xx - mx ** 2, yy - my ** 2, xy - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)
 

@@ -178,10 +178,10 @@ class Probe:
         probe = self
 
         @functools.wraps(forward)
-        def features(backbone, images):  # a forward inside extraction (the inverter's and judges' are not)
+        def features(backbone, images, layers=None):  # a forward inside extraction (the judges' are not)
             if not probe._depth["extraction"]:
-                return forward(backbone, images)
-            out, seconds = _timed(lambda: forward(backbone, images))
+                return forward(backbone, images, layers)
+            out, seconds = _timed(lambda: forward(backbone, images, layers))
             probe.seconds["forward"] += seconds
             probe.counts["forward"] += len(images)
             return out

@@ -341,3 +341,17 @@ def test_manifest_skips_photos_without_that_edit(manifest):
     usable = edits["upscaled"].bind(views, image_of).usable(views)
     assert [v.photo.id for v in usable] == ["manifest/orig/0.png"]
     assert "no edited image" in edits["upscaled"].skipped["manifest/orig/1.png#0"]
+
+
+def test_cached_edits_are_lossless_pngs():
+    import io
+
+    from featmap.edits.segmentation import save_png
+
+    rng = np.random.default_rng(0)
+    for image in (rng.integers(0, 256, (31, 17, 3), dtype=np.uint8), rng.integers(0, 2, (9, 8), dtype=np.uint8) * 255):
+        f = io.BytesIO()
+        save_png(f, image)
+        f.seek(0)
+        with Image.open(f) as back:
+            assert back.format == "PNG" and np.array_equal(np.asarray(back), image)

@@ -127,5 +127,8 @@ def object_mask(image: np.ndarray, margin: float = 1 / 8, iterations: int = 5,
 
 
 def save_png(file, image: np.ndarray) -> None:
-    """Writes ``image`` (uint8, (H, W) or (H, W, 3)) to the open binary ``file`` as a lossless PNG."""
-    Image.fromarray(image).save(file, format="PNG")
+    """Writes ``image`` (uint8, (H, W) or (H, W, 3)) to the open binary ``file`` as a lossless PNG.
+
+    zlib level 1: a 224 px edit encodes in 3.9 ms against 11.7 ms at PIL's default 6, for 1.4% more bytes (the
+    semantic chapter writes about 1,300 edits cold); the pixels read back are the same."""
+    Image.fromarray(image).save(file, format="PNG", compress_level=1)

@@ -157,6 +157,18 @@ def test_noise_floor_is_seeded_and_takes_any_fit():
     assert calls == [((40, 6), 2.5)] * 2 and got["delta_erank_floor"] == pytest.approx(6.0)  # W - I = -I
 
 
+def test_noise_floor_shares_the_inputs_scatter_and_equals_the_fit_per_shuffle():
+    x, y = _planted_pairs(rank1=True, b=12, c=8, hw=3)
+    for lam in (0.0, 3.0):
+        shared = change.erank_noise_floor(x, y, lam, n_shuffles=3, seed=2)
+        each = change.erank_noise_floor(x, y, lam, fit=lambda a, b, s: change.ridge_toward_identity(a, b, s),
+                                        n_shuffles=3, seed=2)  # not the default function: fit per shuffle
+        assert shared == pytest.approx(each, rel=1e-9, abs=1e-9), lam
+    fit = change._shared_input_ridge(change.positions(x.double()))
+    with pytest.raises(ValueError, match="shared-input fit takes the inputs it was made for"):
+        fit(change.positions(y.double()), change.positions(y.double()), 1.0)
+
+
 # -- grid alignment -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shift", [(1, 0), (0, -1), (-1, 1), (0, 0)])

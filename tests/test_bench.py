@@ -24,8 +24,10 @@ def restore_threads():
 
 @pytest.mark.parametrize("threads", [1, None])  # not 2: two threads on a busy 2-core machine run many times slower
 def test_a_chapter_runs_with_the_configured_number_of_threads(photo_dir, monkeypatch, restore_threads, threads):
-    """RunConfig.threads is the number of torch threads while the chapter extracts and fits (None: the count the
-    process already had, torch's default unless someone changed it)."""
+    """RunConfig.threads is the number of torch and OpenCV threads while the chapter extracts and fits (None: the
+    counts the process already had, their defaults unless someone changed them)."""
+    import cv2
+
     from featmap.features.store import FeatureStore
     from featmap.maps.closed_form import Linear
     from featmap.run.chapter import run_chapter
@@ -36,6 +38,7 @@ def test_a_chapter_runs_with_the_configured_number_of_threads(photo_dir, monkeyp
 
     def counting_ensure(self, views, manipulations):
         seen["extract"].append(torch.get_num_threads())
+        seen.setdefault("opencv", []).append(cv2.getNumThreads())
         return ensure(self, views, manipulations)
 
     def counting_fit(self, data):
@@ -46,12 +49,15 @@ def test_a_chapter_runs_with_the_configured_number_of_threads(photo_dir, monkeyp
     monkeypatch.setattr(Linear, "fit", counting_fit)
     start = 2 if threads == 1 else 1  # the run has to change it to pass
     torch.set_num_threads(start)
+    opencv_before = cv2.getNumThreads()
+    cv2.setNumThreads(start)
     run_chapter(RunConfig(chapter="threads", manipulations=["grayscale"], layers=["blocks.6"], images=str(photo_dir),
                           image_size=64, train_views=1, mappings=["identity", "linear"], image_layers="none",
                           bootstrap=0, threads=threads), write=False)
+    cv2.setNumThreads(opencv_before)
     expected = threads or start
     assert seen["extract"] and seen["fit"], seen
-    assert set(seen["extract"]) == set(seen["fit"]) == {expected}, seen
+    assert set(seen["extract"]) == set(seen["fit"]) == set(seen["opencv"]) == {expected}, seen
 
 
 def _bench():

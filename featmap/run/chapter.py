@@ -97,6 +97,17 @@ def _edit_factory(name: str, config: RunConfig, pairs) -> Callable[[], SemanticE
     return lambda: get_editor(name, **params)
 
 
+def set_threads(threads: int) -> None:
+    """Sets the threads of torch and of OpenCV (GrabCut, inpainting; it starts one per core otherwise, and on a
+    busy machine its threads would compete with the other chapter's) to ``threads``."""
+    torch.set_num_threads(threads)
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover (OpenCV comes with the requirements)
+        return
+    cv2.setNumThreads(threads)
+
+
 def prepare(config: RunConfig) -> tuple[ImageSet, Split, FeatureStore, list[Manipulation | SplitEdit]]:
     """Returns the photos, split, feature store and manipulations of a run, checking every name first.
 
@@ -104,7 +115,7 @@ def prepare(config: RunConfig) -> tuple[ImageSet, Split, FeatureStore, list[Mani
     ``usable`` lists the views each part can edit honestly.
     """
     if config.threads:
-        torch.set_num_threads(config.threads)
+        set_threads(config.threads)
     pairs = read_manifest(config.edit_manifest) if config.edit_manifest else None
     manifest_names = {p.edit for p in pairs or []}
     semantic = [n for n in config.manipulations if config.is_editor(n) or n in manifest_names]

@@ -64,7 +64,7 @@ def test_a_file_read_again_comes_from_memory_until_it_changes(tmp_path, monkeypa
     for i in range(5):
         cache.put(f"{i}e" * 32, np.full((8, 4, 4), i))
         cache.get(f"{i}e" * 32, (8, 4, 4))
-    assert store._READ_BYTES[0] <= store.FEATURE_MEMO_BYTES and len(store._READ) == 3
+    assert store._READ.nbytes <= store.FEATURE_MEMO_BYTES and len(store._READ) == 3
     cache.get("0e" * 32, (8, 4, 4))  # the oldest was let go: read from disk again
     assert reads[-1] == cache.path("0e" * 32)
 

@@ -114,7 +114,7 @@ def test_views_are_square_seeded_and_differ(photo_dir):
 def test_a_view_is_decoded_once_per_process_and_handed_out_read_only(photo_dir, monkeypatch):
     import featmap.data.images as images
 
-    monkeypatch.setattr(images, "_VIEWS", images.OrderedDict())
+    monkeypatch.setattr(images, "_VIEWS", images.ArrayMemo())
     monkeypatch.setattr(images, "VIEW_MEMO_BYTES", 2 * 64 * 64 * 3)  # two 64 px views
     photos = ImageSet.from_folder(photo_dir).photos[:3]
     decoded = []

@@ -12,7 +12,6 @@ import csv
 import hashlib
 import re
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -24,12 +23,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import RandomResizedCrop
 
 from featmap.core.io import cached, content_key, default_cache_dir
+from featmap.core.memo import ArrayMemo
 from featmap.core.seeding import derive_seed, rng_for
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 VIEW_MEMO_BYTES = 96 << 20  # views kept per process by ImageSet.view, at most this many bytes (a 224 px view: 147 KiB)
-_VIEWS: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_VIEWS = ArrayMemo()
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                   "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
@@ -432,21 +432,16 @@ class ImageSet:
         every photo), and decoding and resizing a photo costs milliseconds each time."""
         key = (view.photo.sha256, view.photo.id, view.index, size, interpolation, crop_pct,
                (seed, crop_scale_min) if view.index else None)
-        if key in _VIEWS:
-            _VIEWS.move_to_end(key)
-            return _VIEWS[key]
+        kept = _VIEWS.get(key)
+        if kept is not None:
+            return kept
         image = load_rgb(view.photo.path)
         if view.index == 0:
             out = square_view(image, size, interpolation, crop_pct)
         else:
             crop_seed = derive_seed(seed, "view", view.photo.id, view.index)
             out = square_view(image, size, interpolation, random_crop=(crop_seed, round(crop_scale_min * 100), True))
-        out.setflags(write=False)  # shared by every caller of this view
-        _VIEWS[key] = out
-        held = sum(v.nbytes for v in _VIEWS.values())
-        while held > VIEW_MEMO_BYTES and len(_VIEWS) > 1:
-            held -= _VIEWS.popitem(last=False)[1].nbytes
-        return out
+        return _VIEWS.put(key, out, VIEW_MEMO_BYTES)  # read-only: shared by every caller of this view
 
     def describe(self) -> "list[dict]":
         """Returns one dict per photo: id, source, label, licence, width, height, bytes, subject, group (the

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 
 from featmap.core.io import content_key, default_cache_dir, read_cached, write_cached
+from featmap.core.memo import ArrayMemo
 from featmap.core.progress import bar as progress_bar
 from featmap.data.images import ImageSet, View
 from featmap.edits.manipulations import Manipulation
@@ -19,16 +19,7 @@ from featmap.features.backbone import Backbone
 # inode, size, modification time): a chapter reads each file about five times (every map of a cell, every cell of an
 # edit, the originals for every edit), and np.load costs 0.15 ms a file. A file replaced or rewritten is read again.
 FEATURE_MEMO_BYTES = 128 << 20
-_READ: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
-_READ_BYTES = [0]
-
-
-def _remember(key: tuple, arr: np.ndarray) -> None:
-    arr.setflags(write=False)  # shared by every later reader
-    _READ[key] = arr
-    _READ_BYTES[0] += arr.nbytes
-    while _READ_BYTES[0] > FEATURE_MEMO_BYTES and len(_READ) > 1:
-        _READ_BYTES[0] -= _READ.popitem(last=False)[1].nbytes
+_READ = ArrayMemo()
 
 
 class FeatureCache:
@@ -52,7 +43,6 @@ class FeatureCache:
         seen = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
         arr = _READ.get(seen)
         if arr is not None and (shape is None or arr.shape == tuple(shape)):
-            _READ.move_to_end(seen)
             self.hits += 1
             return arr
         arr = read_cached(path, lambda p: _load_features(p, shape))
@@ -60,7 +50,7 @@ class FeatureCache:
             self.rejected += 1
             self.misses += 1
             return None
-        _remember(seen, arr)
+        _READ.put(seen, arr, FEATURE_MEMO_BYTES)  # read-only: shared by every later reader
         self.hits += 1
         return arr
 

@@ -12,6 +12,12 @@ import copy
 import torch
 from torch import nn
 
+try:  # timm's norm + activation module (its drop and act run after the normalisation)
+    from timm.layers import BatchNormAct2d
+    _FOLDABLE: tuple[type, ...] = (nn.BatchNorm2d, BatchNormAct2d)
+except ImportError:  # pragma: no cover
+    _FOLDABLE = (nn.BatchNorm2d,)
+
 
 class _ActOnly(nn.Module):
     """What is left of timm's ``BatchNormAct2d`` once its normalisation moved into the convolution."""
@@ -54,13 +60,6 @@ def _replacement(bn: nn.Module) -> nn.Module:
     return nn.Identity() if type(bn) is nn.BatchNorm2d else _ActOnly(bn)
 
 
-try:  # timm's norm + activation module (its drop and act run after the normalisation)
-    from timm.layers import BatchNormAct2d
-    _FOLDABLE: tuple[type, ...] = (nn.BatchNorm2d, BatchNormAct2d)
-except ImportError:  # pragma: no cover
-    _FOLDABLE = (nn.BatchNorm2d,)
-
-
 def fold_batchnorm(model: nn.Module, probe: torch.Tensor, rtol: float = 1e-4) -> int:
     """Folds, in place, every eval-mode batch norm that directly follows a convolution into it; returns how many.
 
@@ -69,8 +68,8 @@ def fold_batchnorm(model: nn.Module, probe: torch.Tensor, rtol: float = 1e-4) ->
     ``rtol`` of the largest (a conv output that also fed something else, say), nothing is folded and 0 is
     returned. A model in training mode is left alone (its batch norms use batch statistics).
     """
-    if model.training:
-        return 0
+    if model.training or not any(type(m) in _FOLDABLE for m in model.modules()):
+        return 0  # training: batch statistics; no batch norm (a ViT): no probe pass needed
     pairs = _pairs(model, probe)
     if not pairs:
         return 0

@@ -645,6 +645,8 @@ def main(argv=None) -> dict:
     def section(name: str, run) -> None:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         results[name], results.setdefault("section_seconds", {})[name] = _timed(run)
+        # written after every section: a run stopped at a time limit keeps what it measured
+        atomic_write(args.out, lambda f: f.write(json.dumps(results, indent=1).encode()))
 
     single = [s for s in sections if s != "book"]
     with tempfile.TemporaryDirectory() as cache:
@@ -665,10 +667,10 @@ def main(argv=None) -> dict:
                                                           args.batch_size))
             if "trained_map" in sections:
                 section("trained_map", lambda: trained_map(store, split, manipulation, args))
-        if "book" in sections:
-            section("book", lambda: book(args))
-        if "cuda" in sections:  # last: it moves the store's backbone to the device
+        if "cuda" in sections:  # after the store's sections: it moves the store's backbone to the device
             section("cuda", lambda: cuda_section(args, store))
+        if "book" in sections:  # last and longest (its chapters run in processes of their own)
+            section("book", lambda: book(args))
     results["machine"]["load_average_at_end"] = os.getloadavg()
     results["seconds"] = time.perf_counter() - started
     atomic_write(args.out, lambda f: f.write(json.dumps(results, indent=1).encode()))

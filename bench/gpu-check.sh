@@ -16,6 +16,8 @@
 # Python: .venv/bin/python when it exists and its torch sees CUDA (make install made it on that machine), else
 # python3 with .whl/*.whl installed beside it (--no-deps into /tmp/featmap-site) and featmap from this tree. The
 # device machine reaches no registry, so `make install` cannot run there; GPU_CHECK_INSTALL=1 tries it anyway.
+# GPU_CHECK_STEPS=tests,bench runs only those steps (of tests, bench, reference_chapter, prepare_torchrun), each up
+# to its cap (the bench's: GPU_BENCH_SECONDS, 150) within GPU_CHECK_SECONDS.
 # Exit status: 0 every step ran, 1 a step failed or ran out of time, 2 no CUDA device here (nothing run).
 # GPU_CHECK_DEVICE=cpu rehearses the script on the CPU (no GPU checks; use small GPU_* sizes, see each step).
 set -uo pipefail
@@ -161,6 +163,10 @@ fi
 step() {
   local name=$1 reserve=$2 cap=$3
   shift 3
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then
+    return  # not asked for (GPU_CHECK_STEPS=tests,bench reruns those two)
+  fi
+  [ -n "${GPU_CHECK_STEPS:-}" ] && reserve=0  # a rerun of some steps: no time kept for the others
   local limit
   limit=$(($(left) - reserve))
   [ "$limit" -gt "$cap" ] && limit=$cap
@@ -226,7 +232,7 @@ step tests 380 100 sh -c '"$0" -m pytest -q -rs -p no:cacheprovider -o addopts="
 
 # 2. The bench on the device (torch's own thread count: 0), written to $WORK/bench.json. The backbones chapter needs
 #    the DINOv2 wheel (93 MB: not carried) and semantic's GrabCut runs on the CPU: geometric, masking and layers.
-step bench 230 150 env BENCH_DEVICE="$DEVICE" BENCH_THREADS=0 BENCH_IMAGES="${GPU_BENCH_IMAGES:-120}" \
+step bench 230 "${GPU_BENCH_SECONDS:-150}" env BENCH_DEVICE="$DEVICE" BENCH_THREADS=0 BENCH_IMAGES="${GPU_BENCH_IMAGES:-120}" \
   BENCH_BOOK_IMAGES="${GPU_BENCH_BOOK_IMAGES:-24}" \
   BENCH_BOOK_CHAPTERS="${GPU_BENCH_CHAPTERS:-geometric,masking,layers}" \
   BENCH_OUT="$WORK/bench.json" "$PY" bench/run.py

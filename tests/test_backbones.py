@@ -269,6 +269,26 @@ def test_batch_norm_folds_into_the_convolution_before_it():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
 
 
+def test_the_fold_is_checked_without_tf32_and_leaves_the_settings_as_they_were():
+    """On a GPU, TF32 (cuDNN's float32 default) differs from float32 by more than the check's tolerance, so the check
+    runs with it off; the user's settings are back afterwards."""
+    from featmap.features.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), _with_stats(torch.nn.BatchNorm2d(8))).eval()
+    seen = []
+    net[0].register_forward_hook(lambda *_: seen.append((torch.backends.cudnn.allow_tf32,
+                                                         torch.backends.cuda.matmul.allow_tf32)))
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert fold_batchnorm(net, torch.randn(2, 3, 9, 9)) == 1
+        assert seen[-2:] == [(False, False)] * 2  # the original's and the folded model's pass of the check
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 class _ConvFeedsTwo(torch.nn.Module):
     """A convolution whose output feeds its batch norm and a skip: folding would change the skip."""
 

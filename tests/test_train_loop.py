@@ -86,6 +86,23 @@ def test_autocast_runs_the_training_pass_in_bfloat16_and_keeps_float32_weights_a
     assert run.history[-1]["val_loss"] < 1.1 * plain.history[-1]["val_loss"], (run.history[-1], plain.history[-1])
 
 
+def test_a_fit_runs_cudnns_deterministic_algorithms_and_restores_the_setting():
+    """Seeded fits repeat on a GPU only with cuDNN's deterministic convolutions (tests/test_cuda.py on a device)."""
+    x, y, _, _ = planted_affine(3, 40)
+    net = seeded(inverter_net)
+    seen = []
+    net[0].register_forward_hook(lambda *_: seen.append((torch.backends.cudnn.deterministic,
+                                                         torch.backends.cudnn.benchmark)))
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+    try:
+        fit(net, inverter_recipe(2), Pairs(x[:32], y[:32]), Pairs(x[32:], y[32:]), progress=False)
+        assert seen and set(seen) == {(True, False)}
+        assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+
+
 def test_early_stopping_stops_where_a_planted_validation_curve_stops_improving(monkeypatch):
     x, y, _, _ = planted_affine(2, 80)
     curve = [1.0, 0.8, 0.7, 0.69, 0.75, 0.9, 0.1, 0.1]  # improvements over min_delta 0.05 end at epoch 2

@@ -28,29 +28,40 @@ pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_
                                 reason="no CUDA device here: bench/gpu-check.sh runs these on a GPU")
 
 
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 @pytest.fixture(scope="module")
-def images(photo_dir, lite0):
+def cpu_lite0():
+    """Lite0 on the CPU, named so: the session's ``lite0`` takes device 'auto', which is the GPU where there is one."""
+    return Backbone("tf_efficientnet_lite0", ["blocks.4", "blocks.6"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(photo_dir, cpu_lite0):
     views = [View(p, 0) for p in ImageSet.from_folder(photo_dir).photos[:8]]
-    pre = lite0.preprocessing
+    pre = cpu_lite0.preprocessing
     return np.stack([ImageSet.view(v, pre.size, pre.interpolation, pre.crop_pct) for v in views])
 
 
-def test_cuda_backbone_gives_the_cpu_features(lite0, images):
+def test_cuda_backbone_gives_the_cpu_features(cpu_lite0, images):
     """Lite0 on the device: the same checkpoint, the same batch norms folded, features on the CPU as float32 NCHW
-    and within TF32 rounding of the CPU's (cuDNN's float32 convolutions run in TF32 by default)."""
+    and within TF32 rounding of the CPU's (cuDNN's float32 convolutions run in TF32 by default; the cache stores
+    float16, whose rounding is of the same order)."""
     dev = Backbone("tf_efficientnet_lite0", ["blocks.4", "blocks.6"], device=DEVICE)
-    assert dev.device.type == torch.device(DEVICE).type
-    assert (dev.weights_id, dev.folded) == (lite0.weights_id, lite0.folded) and dev.folded > 0
-    ours, theirs = dev.features(images), lite0.features(images)
+    assert dev.device.type == torch.device(DEVICE).type and cpu_lite0.device.type == "cpu"
+    assert (dev.weights_id, dev.folded) == (cpu_lite0.weights_id, cpu_lite0.folded) and dev.folded > 0
+    ours, theirs = dev.features(images), cpu_lite0.features(images)
     for layer in ("blocks.4", "blocks.6"):
         a, b = ours[layer], theirs[layer]
         assert a.device.type == "cpu" and a.dtype == torch.float32 and a.shape == b.shape, layer
         cos = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1))  # per image
         assert float(cos.min()) > 0.999, (layer, cos)
-        rel = float((a - b).norm() / b.norm())
-        assert rel < 2e-2, (layer, rel)
-    only = dev.features(images[:2], ["blocks.4"])  # the judge's early stop works on the device too
-    assert list(only) == ["blocks.4"] and torch.allclose(only["blocks.4"], ours["blocks.4"][:2], atol=1e-3)
+        assert _relative(a, b) < 2e-2, (layer, _relative(a, b))
+    # the judge's early stop works on the device too (another batch size: other TF32 kernels, so a relative bound)
+    only = dev.features(images[:2], ["blocks.4"])
+    assert list(only) == ["blocks.4"] and _relative(only["blocks.4"], ours["blocks.4"][:2]) < 2e-2
 
 
 @pytest.mark.parametrize("name", ["linear_sgd", "mlp", "transformer", "cnn"])
@@ -100,10 +111,10 @@ def test_cuda_encoder_layer_computes_torchs_layer():
         assert torch.allclose(a.grad, b.grad, atol=1e-3, rtol=1e-3), name
 
 
-def test_cuda_inverter_trains_in_bfloat16_where_the_device_has_it(lite0, photo_dir, tmp_path):
+def test_cuda_inverter_trains_in_bfloat16_where_the_device_has_it(cpu_lite0, photo_dir, tmp_path):
     """The inverter's 'auto' precision is bfloat16 on a GPU: it still learns (SSIM of its reconstructions rises),
     and its images come back on the CPU as float32 in [0, 1]."""
-    store = FeatureStore(lite0, FeatureCache(tmp_path / "features"), progress=False)
+    store = FeatureStore(cpu_lite0, FeatureCache(tmp_path / "features"), progress=False)
     views = [View(p, 0) for p in ImageSet.from_folder(photo_dir).photos[:6]]
     mirror = [get_manipulation("mirror_h")]
     cfg = dataclasses.replace(SMALL, device=DEVICE, precision="auto")

@@ -7,11 +7,12 @@ how many pairs were folded (``Backbone.identity``).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
 from torch import nn
+
+from featmap.core.device import overridden
 
 try:  # timm's norm + activation module (its drop and act run after the normalisation)
     from timm.layers import BatchNormAct2d
@@ -91,24 +92,14 @@ def fold_batchnorm(model: nn.Module, probe: torch.Tensor, rtol: float = 1e-4) ->
             setattr(modules[parent] if parent else model, attr, _replacement(bn))
         # compared in full float32: on a GPU, cuDNN's and cuBLAS's TF32 default rounds each product to 10 bits, a
         # difference the fold does not make (measured on an H200: every Lite0 pair refused under TF32)
-        with _full_float32():
+        with overridden(torch.backends.cudnn, allow_tf32=False), overridden(torch.backends.cuda.matmul,
+                                                                            allow_tf32=False):
             want, got = original(probe), model(probe)
     want, got = (torch.cat([t.flatten() for t in v]) if isinstance(v, (tuple, list)) else v for v in (want, got))
     if not torch.allclose(got, want, rtol=0, atol=rtol * float(want.abs().max()) + 1e-6):
         _restore(model, original)
         return 0
     return len(pairs)
-
-
-@contextlib.contextmanager
-def _full_float32():
-    """No TF32 in CUDA's float32 convolutions and matrix products inside the block (the settings restored after)."""
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _restore(model: nn.Module, original: nn.Module) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featmap.core.device import overridden
 from featmap.core.io import read_cached, write_cached
 from featmap.core.progress import bar as progress_bar
 from featmap.core.seeding import derive_seed
@@ -227,12 +228,8 @@ def fit(net: nn.Module, recipe: Recipe, train: Pairs, val: Pairs | None = None, 
     On a GPU, cuDNN runs deterministic convolution algorithms during the fit: with its default choice two seeded
     fits of the cnn map differed by up to 0.2 in their predictions (measured on an H200, tests/test_cuda.py).
     """
-    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
+    with overridden(torch.backends.cudnn, deterministic=True, benchmark=False):
         return _fit(net, recipe, train, val, device, strategy, checkpoint, progress, desc)
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 
 
 def _fit(net: nn.Module, recipe: Recipe, train: Pairs, val: Pairs | None, device: torch.device | str,

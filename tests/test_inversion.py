@@ -229,3 +229,31 @@ def test_the_training_ssim_is_the_windowed_ssim():
         want[b] = torch.stack(vals).mean()
     assert torch.allclose(ssim_torch(x, y).double(), want, atol=1e-5)
     assert torch.allclose(ssim_torch(x, x), torch.ones(2), atol=1e-5) and float(ssim_torch(x, y).max()) < 0.99
+
+
+@pytest.mark.parametrize("side", [1, 5, 28])
+def test_the_upsampling_block_is_nearest_upsampling_then_its_convolution(side):
+    """UpsampleConv2d (one transposed convolution) against what it stands for, nn.Upsample(x2, nearest) then a 3x3
+    convolution (padding 1) with the same parameters: outputs and gradients in float64, borders included."""
+    from featmap.score.inversion import UpsampleConv2d
+
+    g = torch.Generator().manual_seed(side)
+    block = UpsampleConv2d(6, 4).double()
+    with torch.no_grad():
+        block.weight.copy_(torch.randn(block.weight.shape, generator=g, dtype=torch.float64))
+        block.bias.copy_(torch.randn(4, generator=g, dtype=torch.float64))
+    plain = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="nearest"),
+                                torch.nn.Conv2d(6, 4, 3, padding=1)).double()
+    plain[1].load_state_dict(block.state_dict())
+    x = torch.randn(2, 6, side, side + 3, generator=g, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, want = block(xa), plain(xb)
+    assert out.shape == want.shape == (2, 4, 2 * side, 2 * side + 6)
+    assert torch.allclose(out, want, atol=1e-12)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(grad)
+    want.backward(grad)
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-12)
+    assert torch.allclose(block.weight.grad, plain[1].weight.grad, atol=1e-10)
+    assert torch.allclose(block.bias.grad, plain[1].bias.grad, atol=1e-10)
+    assert float(out.abs().max()) > 1  # not a trivially zero map

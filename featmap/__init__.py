@@ -2,11 +2,21 @@
 from featmap import _legacy
 from featmap.core import progress  # noqa: F401  (first: routes progress away from pages before any library loads)
 from featmap.core.memory import keep_freed_memory
-from featmap.run.chapter import RunResult, run_chapter
-from featmap.run.config import RunConfig
 
 keep_freed_memory()  # freed arrays are reused, not faulted in again (featmap.core.memory)
 _legacy.install()  # the flat module paths of featmap 0.1 (featmap.metrics, ...) keep working
 
 __all__ = ["RunConfig", "RunResult", "run_chapter"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``featmap.run_chapter``, ``RunConfig`` and ``RunResult`` load the pipeline (torch, timm) on first use, so the
+    pages that only read results tables do not pay for it."""
+    if name in ("RunResult", "run_chapter"):
+        from featmap.run import chapter
+        return getattr(chapter, name)
+    if name == "RunConfig":
+        from featmap.run.config import RunConfig
+        return RunConfig
+    raise AttributeError(f"module 'featmap' has no attribute {name!r}")

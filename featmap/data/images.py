@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import RandomResizedCrop
 
 from featmap.core.io import cached, content_key, default_cache_dir
 from featmap.core.memo import ArrayMemo
@@ -127,6 +126,8 @@ def square_view(image: np.ndarray, size: int, interpolation: str = "bicubic", cr
         w, h = pil.size
         left, top = (w - size) // 2, (h - size) // 2
         return np.asarray(pil.crop((left, top, left + size, top + size)))
+    from torchvision.transforms import RandomResizedCrop  # here: the pages that only read tables skip torchvision
+
     seed, scale_min, flip = random_crop
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

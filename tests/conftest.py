@@ -62,6 +62,15 @@ def module_one_thread():
 
 
 @pytest.fixture
+def every_epoch_checkpoints(monkeypatch):
+    """Training checkpoints after every epoch (the default waits 30 s between them), for the tests that interrupt a
+    run at a checkpoint."""
+    import featmap.train.loop as loop
+
+    monkeypatch.setattr(loop, "CHECKPOINT_SECONDS", 0.0)
+
+
+@pytest.fixture
 def one_thread():
     """One torch thread: on a busy 2-core machine two threads make small batches many times slower."""
     import torch

@@ -103,6 +103,7 @@ def test_a_cached_inverter_is_found_without_loading_any_data(store, views, tmp_p
     assert train_inverter(store, views[:2], [], "blocks.4", cfg, cache_dir=tmp_path, progress=False).epochs_run == 0
 
 
+@pytest.mark.usefixtures("every_epoch_checkpoints")
 def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(store, views, tmp_path,
                                                                                       monkeypatch):
     cfg = InverterConfig(image_size=28, width=16, epochs=4, batch_size=4, device="cpu")

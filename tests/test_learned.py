@@ -159,6 +159,7 @@ def test_training_is_deterministic_for_a_seed():
     assert not all(torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values()))
 
 
+@pytest.mark.usefixtures("every_epoch_checkpoints")
 def test_an_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch):
     reference, ref_history = _train(0, max_epochs=6)
     calls = {"n": 0}

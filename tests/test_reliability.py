@@ -319,6 +319,7 @@ def _run_child(plan: dict, run_dir: str) -> None:
     import featmap.train.loop
 
     os.environ["FEATMAP_RESULTS"] = str(Path(run_dir) / "results")
+    featmap.train.loop.CHECKPOINT_SECONDS = 0.0  # a checkpoint after every epoch: the kills can land on them
     real, counts, kill = featmap.core.io.atomic_write, {}, plan["kill"]
 
     def die():

@@ -54,6 +54,7 @@ def test_the_map_settings_recover_a_planted_linear_map():
     assert run.best_val_loss < 1e-3
 
 
+@pytest.mark.usefixtures("every_epoch_checkpoints")
 def test_the_inverter_settings_run_exactly_the_budget_and_keep_the_last_weights(tmp_path):
     x, y, _, _ = planted_affine(1, 60)
     noise = torch.randn(20, C, SIDE, SIDE, generator=torch.Generator().manual_seed(9))
@@ -121,6 +122,7 @@ def test_early_stopping_stops_where_a_planted_validation_curve_stops_improving(m
     assert all(torch.equal(v, seen[2][k]) for k, v in run.net.state_dict().items())  # the best epoch's weights
 
 
+@pytest.mark.usefixtures("every_epoch_checkpoints")
 @pytest.mark.parametrize("settings", ["map", "inverter"])
 def test_an_interrupted_run_resumes_to_the_very_weights_of_an_uninterrupted_one(tmp_path, monkeypatch, settings):
     x, y, _, _ = planted_affine(3, 90)
@@ -151,6 +153,7 @@ def test_an_interrupted_run_resumes_to_the_very_weights_of_an_uninterrupted_one(
         assert torch.equal(v, resumed.net.state_dict()[k]), k
 
 
+@pytest.mark.usefixtures("every_epoch_checkpoints")
 def test_a_torn_checkpoint_is_discarded_and_the_run_starts_over(tmp_path):
     x, y, _, _ = planted_affine(4, 40)
     ckpt = tmp_path / "torn.partial.pt"
@@ -236,3 +239,26 @@ def test_steering_settings_without_validation_are_refused():
     x, y, _, _ = planted_affine(6, 10)
     with pytest.raises(ValueError, match="needs a validation loss"):
         fit(nn.Conv2d(C, C, 1), map_recipe(TrainConfig()), Pairs(x, y), progress=False)
+
+
+def test_checkpoints_are_written_when_their_interval_has_passed(tmp_path, monkeypatch):
+    """After every epoch with an interval of 0; never within a run shorter than the interval; the default interval is
+    CHECKPOINT_SECONDS at the call. The results do not depend on it."""
+    x, y, _, _ = planted_affine(4, 40)
+    real, writes = io.atomic_write, []
+
+    def counted(path, write):
+        writes.append(path)
+        real(path, write)
+
+    monkeypatch.setattr(io, "atomic_write", counted)
+    runs = {}
+    for name, every in (("each", 0.0), ("never", 1e9), ("default", None)):
+        if name == "default":
+            monkeypatch.setattr(loop, "CHECKPOINT_SECONDS", 0.0)
+        writes.clear()
+        runs[name] = fit(seeded(inverter_net), inverter_recipe(3), Pairs(x, y), checkpoint=tmp_path / f"{name}.pt",
+                         progress=False, checkpoint_every=every)
+        assert len(writes) == (0 if name == "never" else 3), (name, writes)
+    for k, v in runs["each"].net.state_dict().items():
+        assert torch.equal(v, runs["never"].net.state_dict()[k]), k

@@ -391,7 +391,7 @@ def fit_decoder(data: InverterData, layer: str, config: InverterConfig = Inverte
     > 0); without one the loss is pixels only.
 
     Content-addressed by (layer, data key, validation data key, config, judge): <cache>/inverters/<key>.pt. An
-    interrupted run resumes from <key>.partial.pt, written atomically after every epoch; a file that does not
+    interrupted run resumes from <key>.partial.pt, written atomically as ``train.loop.fit`` does; a file that does not
     load is discarded and its work redone. Seeded: the same inputs give the same weights.
     """
     matching = judge is not None and config.feature_weight > 0

@@ -225,3 +225,28 @@ def test_score_images_resizes_reconstructions_to_the_reference_and_returns_per_s
     assert METRICS.get("st_lpips").higher_is_better is False and METRICS.get("ssim").higher_is_better
     with pytest.raises(ValueError, match="not an image metric"):
         score_images(small, photos, lite0, "blocks.6", metrics=["cos_mean"])
+
+
+def test_the_perceptual_trunk_remembers_recent_inputs_without_changing_a_distance(photos):
+    """Scoring two maps against the same manipulated and target images (as ImageScorer does) runs the ST-LPIPS trunk
+    once per distinct batch: 2 + 2 passes instead of 8, and the same distances as a model that remembers nothing."""
+    from stlpips_pytorch import stlpips
+
+    torch.manual_seed(0)
+    fresh = stlpips.LPIPS(net="alex", variant="shift_tolerant", verbose=False).eval()
+    manipulated, target = photos, noisy(photos, 8)
+    maps = [noisy(photos, 32), noisy(photos, 96)]
+    want = []
+    with torch.no_grad():  # the package's own forward, its trunk untouched: two passes per call
+        for images in maps:
+            for other in (manipulated, target):
+                want.append(fresh(metrics._to_signed(images, torch.device("cpu")),
+                                  metrics._to_signed(other, torch.device("cpu"))).flatten().double().numpy())
+    got = [metrics._perceptual(fresh, images, other, 3) for images in maps for other in (manipulated, target)]
+    assert isinstance(fresh.net, metrics.RememberedTrunk) and fresh.net.passes == 4
+    for a, b in zip(got, want):
+        assert np.array_equal(a, b)
+    assert len({round(float(d.mean()), 6) for d in got}) == 4  # four different distances, none remembered wrongly
+    x = metrics._to_signed(photos, torch.device("cpu")).requires_grad_()
+    fresh.net.forward(x)  # with gradients it always runs
+    assert fresh.net.passes == 5

@@ -262,3 +262,11 @@ def test_checkpoints_are_written_when_their_interval_has_passed(tmp_path, monkey
         assert len(writes) == (0 if name == "never" else 3), (name, writes)
     for k, v in runs["each"].net.state_dict().items():
         assert torch.equal(v, runs["never"].net.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("every", [-1.0, float("nan")])
+def test_a_negative_or_undefined_checkpoint_interval_is_refused(tmp_path, every):
+    x, y, _, _ = planted_affine(4, 40)
+    with pytest.raises(ValueError, match="checkpoint_every must be seconds >= 0"):
+        fit(seeded(inverter_net), inverter_recipe(1), Pairs(x, y), checkpoint=tmp_path / "c.pt", progress=False,
+            checkpoint_every=every)

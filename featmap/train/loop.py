@@ -238,6 +238,9 @@ def fit(net: nn.Module, recipe: Recipe, train: Pairs, val: Pairs | None = None, 
     """
     with overridden(torch.backends.cudnn, deterministic=True, benchmark=False):
         every = CHECKPOINT_SECONDS if checkpoint_every is None else float(checkpoint_every)
+        if not every >= 0:  # NaN too: it would never write one
+            raise ValueError(f"checkpoint_every must be seconds >= 0 (0: after every epoch), got {checkpoint_every!r}"
+                             f" (CHECKPOINT_SECONDS is {CHECKPOINT_SECONDS!r})")
         return _fit(net, recipe, train, val, device, strategy, checkpoint, progress, desc, every)
 
 

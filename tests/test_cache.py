@@ -74,6 +74,49 @@ def test_non_finite_features_are_refused(tmp_path):
         FeatureCache(tmp_path).put("cc" * 32, np.array([1e6]))  # overflows float16
 
 
+def test_a_batch_is_stored_as_numpy_rounds_it_and_refused_whole_naming_the_bad_key(tmp_path):
+    cache = FeatureCache(tmp_path)
+    rng = np.random.default_rng(1)
+    tiny = np.finfo(np.float16).smallest_subnormal
+    values = np.concatenate([rng.normal(size=206) * 10.0 ** rng.integers(-9, 4, size=206),  # normals, subnormals
+                             [tiny / 2, tiny * 1.5, 65504.0, -65504.0, 0.0, -0.0]]).astype(np.float32)
+    batch = values.reshape(2, 2, 53)
+    cache.put_many(["a1" * 32, "a2" * 32], batch)
+    for i, key in enumerate(["a1" * 32, "a2" * 32]):  # torch's conversion rounds as numpy's does, ties included
+        assert np.array_equal(cache.get(key, (2, 53)), batch[i].astype(np.float16))
+    bad = np.ones((3, 4), np.float32)
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="b2" * 32):
+        cache.put_many(["b1" * 32, "b2" * 32, "b3" * 32], bad)
+    bad[1, 2], bad[2, 0] = 1.0, -np.inf
+    with pytest.raises(ValueError, match="b3" * 32):
+        cache.put_many(["b1" * 32, "b2" * 32, "b3" * 32], bad)
+    assert all(cache.get(k * 32) is None for k in ("b1", "b2", "b3"))  # nothing of a refused batch is written
+    with pytest.raises(ValueError, match="2 keys for 3 arrays"):
+        cache.put_many(["c1" * 32, "c2" * 32], np.ones((3, 2)))
+
+
+def test_extraction_skips_what_another_process_wrote_meanwhile(tmp_path, lite0, photo_dir):
+    """Two chapters at once extract overlapping images: each batch looks at the cache again before its forward."""
+    views = ImageSet.from_folder(photo_dir).split(seed=0).views("train", 1)[:4]
+    grey = get_manipulation("grayscale")
+    store = FeatureStore(lite0, FeatureCache(tmp_path), seed=0, batch_size=2, progress=False)
+    other = FeatureStore(lite0, FeatureCache(tmp_path), seed=0, batch_size=2, progress=False)
+    forwards, features = [], lite0.features
+
+    def counted(images, layers=None):
+        forwards.append(len(images))
+        if len(forwards) == 1:  # while the first batch runs, the other process extracts the last view
+            other.ensure(views[3:], [None, grey])
+        return features(images, layers)
+
+    store.backbone = type("Counted", (), {"__getattr__": lambda self, n: getattr(lite0, n),
+                                          "features": staticmethod(counted)})()
+    assert store.ensure(views, [None, grey]) == 6  # of 8: the last view's two came from the other process
+    assert forwards == [2, 2, 2]  # the fourth batch was skipped, not run again
+    assert np.array_equal(store.load(views[3:], grey, "blocks.6"), other.load(views[3:], grey, "blocks.6"))
+
+
 def test_content_key_is_canonical():
     assert content_key({"a": 1, "b": [1, 2]}) == content_key({"b": [1, 2], "a": 1})
     assert content_key({"a": 1}) != content_key({"a": 2})

@@ -157,16 +157,18 @@ def test_noise_floor_is_seeded_and_takes_any_fit():
     assert calls == [((40, 6), 2.5)] * 2 and got["delta_erank_floor"] == pytest.approx(6.0)  # W - I = -I
 
 
-def test_noise_floor_shares_the_inputs_scatter_and_equals_the_fit_per_shuffle():
+@pytest.mark.parametrize("shuffle", ["change", "target"])
+@pytest.mark.parametrize("vectors", [False, True])
+def test_noise_floor_shares_the_inputs_scatter_and_equals_the_fit_per_shuffle(shuffle, vectors):
     x, y = _planted_pairs(rank1=True, b=12, c=8, hw=3)
+    if vectors:  # (N, C) channel vectors, shuffled across rows
+        x, y = change.positions(x), change.positions(y)
     for lam in (0.0, 3.0):
-        shared = change.erank_noise_floor(x, y, lam, n_shuffles=3, seed=2)
+        shared = change.erank_noise_floor(x, y, lam, n_shuffles=3, seed=2, shuffle=shuffle)
         each = change.erank_noise_floor(x, y, lam, fit=lambda a, b, s: change.ridge_toward_identity(a, b, s),
-                                        n_shuffles=3, seed=2)  # not the default function: fit per shuffle
+                                        n_shuffles=3, seed=2, shuffle=shuffle)  # not the default: fit per shuffle
         assert shared == pytest.approx(each, rel=1e-9, abs=1e-9), lam
-    fit = change._shared_input_ridge(change.positions(x.double()))
-    with pytest.raises(ValueError, match="shared-input fit takes the inputs it was made for"):
-        fit(change.positions(y.double()), change.positions(y.double()), 1.0)
+        assert shared["delta_erank_floor_sd"] > 0  # the shuffles differ: a floor of one repeated fit would not
 
 
 # -- grid alignment -------------------------------------------------------------------------------------

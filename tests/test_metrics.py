@@ -109,3 +109,37 @@ def test_position_cosines_are_torchs_cosines_in_float64():
     theirs = torch.nn.functional.cosine_similarity(pred.double(), true.double(), dim=1, eps=1e-8).flatten(1)
     assert ours.dtype == torch.float64 and ours.shape == (3, 16) and ours[1, 10] == 0
     assert torch.allclose(ours, theirs, atol=1e-12)
+
+
+def test_a_maps_agreement_and_accuracy_run_the_tail_once_and_never_serve_another_prediction():
+    from pathlib import Path
+
+    from featmap.data.images import Photo, View
+    from featmap.score.semantic import SemanticScorer
+
+    calls = []
+    head = torch.nn.Linear(6, 10).double().requires_grad_(False)
+
+    def tail(maps):
+        calls.append(len(maps))
+        return head(maps.mean((2, 3)))
+
+    views = [View(Photo(f"p{i}", Path(f"p{i}.jpg"), "test", f"imagenet_{i % 10}", "", "")) for i in range(5)]
+    g = torch.Generator().manual_seed(0)
+    y, pred = torch.randn(5, 6, 2, 2, generator=g, dtype=torch.float64), torch.randn(5, 6, 2, 2, generator=g,
+                                                                                   dtype=torch.float64)
+    scorer = SemanticScorer(tail, y, views, batch=2)
+    base = dict(family="f", manipulation="m", backbone="b", layer="l", spatial="none", mapping="m")
+    assert calls == [2, 2, 1]  # the true map's probabilities
+    fresh = SemanticScorer(lambda m: head(m.mean((2, 3))), y, views, batch=2)
+    agree = scorer.agreement(pred)
+    rows = scorer.accuracy_rows(base, pred, 50, 0)
+    assert calls == [2, 2, 1] * 2  # the same prediction's two scores: one pass of the tail
+    assert {k: v.tolist() for k, v in agree.items()} == {k: v.tolist() for k, v in fresh.agreement(pred).items()}
+    assert rows == fresh.accuracy_rows(base, pred, 50, 0)
+    other = pred.clone()  # equal content, another tensor: computed again, never assumed equal
+    scorer.accuracy_rows(base, other, 50, 0)
+    assert calls == [2, 2, 1] * 3
+    other.mul_(-1)
+    assert scorer.agreement(pred)["jsd"].tolist() == fresh.agreement(pred)["jsd"].tolist()
+    assert calls == [2, 2, 1] * 4

@@ -114,11 +114,36 @@ def test_extraction_runs_the_batches_of_its_list_whatever_another_process_writes
 
     store.backbone = type("Counted", (), {"__getattr__": lambda self, n: getattr(lite0, n),
                                           "features": staticmethod(counted)})()
-    assert store.ensure(views, [None, grey]) == 8 and forwards == [3, 3, 2]
+    assert store.ensure(views, [None, grey]) == 8 and forwards == [3, 3, 3]  # the last pass filled to 3
     alone = FeatureStore(lite0, FeatureCache(tmp_path / "alone"), seed=0, batch_size=3, progress=False)
     alone.ensure(views, [None, grey])
     for m in (None, grey):  # the same numbers as a run with no other process
         assert np.array_equal(store.load(views, m, "blocks.6"), alone.load(views, m, "blocks.6"))
+
+
+def test_a_feature_does_not_depend_on_which_call_extracted_it(tmp_path, lite0, photo_dir):
+    """Calls of different lengths put an image in passes with different company: its numbers are the same."""
+    views = ImageSet.from_folder(photo_dir).split(seed=0).views("train", 1)[:5]
+    noise = get_manipulation("noise_40")
+    sizes = {}
+
+    def extracted(todo_views, name):
+        store = FeatureStore(lite0, FeatureCache(tmp_path / name), seed=0, batch_size=3, progress=False)
+        seen = []
+        store.backbone = type("Counted", (), {"__getattr__": lambda self, n: getattr(lite0, n),
+                                              "features": staticmethod(lambda im, layers=None: seen.append(len(im))
+                                                                       or lite0.features(im, layers))})()
+        store.ensure(todo_views, [None, noise])
+        sizes[name] = seen
+        return {layer: store.load(views[-1:], noise, layer) for layer in lite0.layers}
+
+    assert len(views) == 5  # below: 2, 10 and 8 images in passes of 3
+    alone = extracted(views[-1:], "alone")    # one pass: the view's two images and a copy
+    among = extracted(views, "among")         # the view's images split between the third and the fourth pass
+    shifted = extracted(views[1:], "shifted")  # both in the third pass, with one image of another view
+    assert sizes == {"alone": [3], "among": [3, 3, 3, 3], "shifted": [3, 3, 3]}
+    for layer in lite0.layers:
+        assert np.array_equal(alone[layer], among[layer]) and np.array_equal(alone[layer], shifted[layer]), layer
 
 
 def test_content_key_is_canonical():

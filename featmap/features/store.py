@@ -120,11 +120,13 @@ class FeatureStore:
     def ensure(self, views: list[View], manipulations: list[Manipulation | None]) -> int:
         """Extracts every missing (view, manipulation) for all layers; returns how many images went through.
 
-        The list is made once and run in batches of ``batch_size`` in its order, so a call computes the same
-        batches every time: the backbone's numbers for an image can depend on how many images share its forward
-        pass (Lite0 on one CPU thread: a pass of 1 to 15 images differs from one of 16 to 32 in the last bits,
-        which float16 keeps). Skipping entries another chapter wrote meanwhile would shrink batches by timing and
-        made two cold books differ in the sixth digit: not done."""
+        Every forward pass holds exactly ``batch_size`` images: a last, smaller batch is filled with copies of its
+        last image, whose outputs are dropped. The backbone's numbers for an image can depend on how many images
+        share its pass (Lite0 on one CPU thread: a pass of 1 to 15 images differs from one of 16 to 32 in the last
+        bits, which float16 keeps), and which entries are missing when a call starts depends on the chapter running
+        beside it: the geometric chapter's list was 3,816 or 3,843 images in two cold books, its last pass 8 or 3
+        images, and the two books' results differed in the sixth digit. With full passes a feature does not
+        depend on which call extracted it (tested). A call costs at most ``batch_size - 1`` extra images."""
         layers = self.backbone.layers
         todo = [(v, m) for v in views for m in manipulations
                 if not all(self.cache.contains(self.key(v, m, layer)) for layer in layers)]
@@ -140,9 +142,10 @@ class FeatureStore:
                 if view is not current_view:  # todo is grouped by view: decode each photo once
                     current_view, base = view, self.image(view, None)
                 images.append(manip(base, self.seed, view.key) if manip else base)
+            images += images[-1:] * (self.batch_size - len(images))
             feats = self.backbone.features(np.stack(images))
             for layer, maps in feats.items():
-                self.cache.put_many([self.key(view, manip, layer) for view, manip in batch], maps)
+                self.cache.put_many([self.key(view, manip, layer) for view, manip in batch], maps[:len(batch)])
             bar.update(len(batch))
         bar.close()
         return len(todo)

@@ -158,26 +158,28 @@ class _ShuffledRidge:
         y = y.reshape(b, c, -1).double()
         self.t = y - self.x if shuffle == "change" else y
         self.c, self.n = c, b * self.x.shape[2]
+        self.t_sum = self.t.sum((0, 2))  # the same for every shuffle: a shuffle permutes the samples
         self.xtx = torch.empty(c + 1, c + 1, dtype=torch.float64)
-        self.xtx[:c, :c] = self._cross(self.x, range(b))
+        self.xtx[:c, :c] = self._cross(self.x, torch.arange(b))
         self.xtx[:c, c] = self.xtx[c, :c] = self.x.sum((0, 2))
         self.xtx[c, c] = self.n
         self.base = self.xtx[:, :c] if shuffle == "change" else torch.zeros(c + 1, c, dtype=torch.float64)
 
-    def _cross(self, t: torch.Tensor, partner) -> torch.Tensor:
+    def _cross(self, t: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
         """Returns sum_i x_i t_partner(i)^T, (C, C)."""
         if self.x.shape[2] == 1:  # (N, C) vectors: one product
-            return self.x[:, :, 0].T @ t[torch.as_tensor(list(partner)), :, 0]
+            return self.x[:, :, 0].T @ t[partner, :, 0]
         out = torch.zeros(self.c, self.c, dtype=torch.float64)
-        for i, j in enumerate(partner):
-            out.addmm_(self.x[i], t[int(j)].T)
+        for i, j in enumerate(partner.tolist()):
+            out.addmm_(self.x[i], t[j].T)
         return out
 
     def __call__(self, partner: torch.Tensor, lam: float) -> torch.Tensor:
-        """Returns W (C, C) fit on the pairs (x_i, x_i + t_partner(i)) (change) or (x_i, t_partner(i)) (target)."""
+        """Returns W (C, C) fit on the pairs (x_i, x_i + t_partner(i)) (change) or (x_i, t_partner(i)) (target);
+        ``partner`` is a permutation of the samples."""
         xty = self.base.clone()
         xty[:self.c] += self._cross(self.t, partner)
-        xty[self.c] += self.t[partner].sum((0, 2))
+        xty[self.c] += self.t_sum
         stats = LinearStats(self.c, self.c)
         stats.xtx, stats.xty, stats.n = self.xtx, xty, self.n
         return fit_ridge(stats, float(lam))[:-1].T

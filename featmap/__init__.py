@@ -1,10 +1,8 @@
 """featmap: how do feature maps change under image edits, and how simple is the map between them."""
-from featmap import _legacy
 from featmap.core import progress  # noqa: F401  (first: routes progress away from pages before any library loads)
 from featmap.core.memory import keep_freed_memory
 
 keep_freed_memory()  # freed arrays are reused, not faulted in again (featmap.core.memory)
-_legacy.install()  # the flat module paths of featmap 0.1 (featmap.metrics, ...) keep working
 
 __all__ = ["RunConfig", "RunResult", "run_chapter"]
 __version__ = "0.1.0"

@@ -9,8 +9,8 @@ import featmap
 PACKAGE = Path(featmap.__file__).parent
 # The data flow, upstream first. A module may import from its own folder or any folder before it.
 FLOW = ["core", "data", "edits", "features", "train", "maps", "score", "run", "report"]
-# Outside the flow: the package's front door, the command line and the old import paths import anything.
-ENTRY = {"featmap", "featmap.__main__", "featmap._legacy"}
+# Outside the flow: the package's front door and the command line import anything.
+ENTRY = {"featmap", "featmap.__main__"}
 
 
 def module_name(path: Path) -> str:

@@ -89,19 +89,6 @@ def test_the_best_map_follows_the_metric_direction():
     assert cases.loc[0, "best_map_val"] == "linear" and cases.loc[0, "gain"] > 0  # lower error is the gain
 
 
-def test_the_old_flat_import_paths_keep_working():
-    import featmap.inversion as inversion
-    from featmap.analysis import weight_bias_shares
-    from featmap.metrics import bootstrap_ci, effective_rank
-    from featmap.pipeline import PairData, run_chapter
-    from featmap.score.geometry import effective_rank as new
-
-    assert effective_rank is new and callable(weight_bias_shares) and callable(bootstrap_ci)
-    assert inversion.CallableInverter.__module__ == "featmap.score.inversion" and PairData and run_chapter
-    with pytest.raises(ImportError, match="nothing"):
-        from featmap.metrics import nothing  # noqa: F401
-
-
 def test_position_cosines_are_torchs_cosines_in_float64():
     pred, true = torch.randn(3, 5, 4, 4), torch.randn(3, 5, 4, 4)
     true[1, :, 2, 2] = 0  # a zero vector: cosine 0

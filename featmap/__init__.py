@@ -1,9 +1,8 @@
-"""featmap: how do feature maps change under image edits, and how simple is the map between them."""
-from featmap.core import progress  # noqa: F401  (first: routes progress away from pages before any library loads)
-from featmap.core.memory import keep_freed_memory
+"""featmap: how do feature maps change under image edits, and how simple is the map between them.
 
-keep_freed_memory()  # freed arrays are reused, not faulted in again (featmap.core.memory)
-
+Importing it changes nothing outside the package: the command line (``featmap.__main__``) and ``make book``'s runner
+(``featmap.run.book``) set the allocator (``featmap.core.memory``) and what the pages' kernels keep quiet.
+"""
 __all__ = ["RunConfig", "RunResult", "run_chapter"]
 __version__ = "0.1.0"
 

@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             print("give --chapter NAME to print one cell, or --write to rewrite the notebooks'", file=sys.stderr)
             return 2
         return 0
+    from featmap.core.memory import keep_freed_memory
+
+    keep_freed_memory()  # before torch allocates: freed maps are reused, not faulted in again (featmap.core.memory)
     import torch
 
     from featmap.core.distributed import init, shutdown

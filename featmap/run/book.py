@@ -1,6 +1,6 @@
 """``make book``'s runner: every chapter through papermill (independent chapters side by side, one process each,
-an explicit thread policy), with its progress streamed to the terminal (never into the page) and its time
-printed; the rendered pages hold results only. ``--json PATH`` also writes the
+an explicit thread policy, featmap's allocator settings), with its progress streamed to the terminal (never into the
+page) and its time printed; the rendered pages hold results only. ``--json PATH`` also writes the
 per-chapter seconds as JSON (rewritten after every chapter, so a failed run keeps the chapters that finished)."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from featmap.core.memory import allocator_env
 from featmap.core.progress import PROGRESS_ENV
 
 
@@ -112,6 +113,11 @@ def schedule(chapters: list[str]) -> tuple[list[str], list[str]]:
 
 
 CHAPTER_ENV = "FEATMAP_BOOK_CHAPTER"  # set in every chapter's process: which chapter it is
+# Warnings no page shows, as Python's -W options: a chapter's kernel gets them in PYTHONWARNINGS, so they hold before
+# its first cell imports anything. huggingface_hub (imported by timm) imports tqdm.auto, which in a kernel without
+# ipywidgets warns that it cannot draw progress widgets: the book draws none (progress goes to the terminal), so the
+# notice is not news to anyone reading the page.
+PAGE_WARNINGS = ("ignore:IProgress not found:Warning",)
 
 
 class _Chapter:
@@ -122,7 +128,10 @@ class _Chapter:
         self.chapter = chapter
         self.log, self.err = progress / f"{chapter}.log", progress / f"{chapter}.err"
         self.log.unlink(missing_ok=True)
-        full = {**os.environ, **(env or {}), PROGRESS_ENV: str(self.log), CHAPTER_ENV: chapter}
+        # featmap's allocator settings (featmap.core.memory) from the start of papermill and its kernel; a MALLOC_*
+        # variable already set wins, as do -W options already in PYTHONWARNINGS (later options take precedence)
+        full = {**allocator_env(), **os.environ, **(env or {}), PROGRESS_ENV: str(self.log), CHAPTER_ENV: chapter}
+        full["PYTHONWARNINGS"] = ",".join(PAGE_WARNINGS + tuple(filter(None, [full.get("PYTHONWARNINGS")])))
         # the thread policy: every chapter's torch (and its BLAS) gets `threads` threads (chapters whose `threads`
         # parameter is None take torch's default, which these variables set)
         full.update({name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})

@@ -13,36 +13,38 @@ FLOW = ["core", "data", "edits", "features", "train", "maps", "score", "run", "r
 ENTRY = {"featmap", "featmap.__main__"}
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
-    """Returns the featmap modules ``path`` imports anywhere in its body (function-level imports too)."""
-    me = module_name(path)
-    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+def imports(path: Path, package: Path = PACKAGE) -> set[str]:
+    """Returns the featmap modules ``path`` (a file of the featmap tree at ``package``) imports anywhere in its body
+    (function-level imports too)."""
+    me = module_name(path, package)
+    parent = me if path.name == "__init__.py" else me.rpartition(".")[0]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("featmap")}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = parent.rsplit(".", node.level - 1)[0] if node.level > 1 else parent
                 mod = f"{base}.{node.module}" if node.module else base
             else:
                 mod = node.module or ""
             if mod.startswith("featmap"):
                 out.add(mod)
                 for a in node.names:  # ``from featmap.maps import learned`` imports a module too
-                    path = PACKAGE.parent / f"{mod}.{a.name}".replace(".", "/")
-                    if path.with_suffix(".py").exists() or (path / "__init__.py").exists():
+                    target = package.parent / f"{mod}.{a.name}".replace(".", "/")
+                    if target.with_suffix(".py").exists() or (target / "__init__.py").exists():
                         out.add(f"{mod}.{a.name}")
     return out
 
 
-def graph() -> dict[str, set[str]]:
-    return {module_name(p): imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+def graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Returns module -> the featmap modules it imports, for every module of the featmap tree at ``package``."""
+    return {module_name(p, package): imports(p, package) for p in sorted(package.rglob("*.py"))}
 
 
 def folder(module: str) -> str | None:
@@ -61,15 +63,22 @@ def test_every_folder_says_what_it_is_for():
         assert doc and len(doc.splitlines()) == 1, f"featmap/{name}/__init__.py needs a one-line docstring"
 
 
-def test_imports_run_with_the_data_flow():
+def against_the_flow(g: dict[str, set[str]]) -> list[str]:
+    """Returns, sorted, every import of ``g`` (module -> imported modules) from a folder downstream of the
+    importer's ("module imports dependency")."""
     against = []
-    for module, deps in graph().items():
+    for module, deps in g.items():
         if module in ENTRY:
             continue
         for dep in deps:
             if folder(dep) and FLOW.index(folder(dep)) > FLOW.index(folder(module)):
                 against.append(f"{module} imports {dep}")
-    assert not against, "imports against the data flow:\n" + "\n".join(sorted(against))
+    return sorted(against)
+
+
+def test_imports_run_with_the_data_flow():
+    against = against_the_flow(graph())
+    assert not against, "imports against the data flow:\n" + "\n".join(against)
 
 
 def cycles(g: dict[str, set[str]]) -> list[list[str]]:
@@ -106,17 +115,31 @@ def test_the_cycle_finder_sees_a_planted_cycle():
     assert cycles(g) == [["featmap.a.x", "featmap.b.y", "featmap.a.x"]]
 
 
-def test_the_checker_sees_a_planted_violation(tmp_path):
-    planted = tmp_path / "featmap" / "core" / "bad.py"
-    planted.parent.mkdir(parents=True)
-    planted.write_text("from featmap.report.claims import overall\n")
-    global PACKAGE
-    saved, PACKAGE = PACKAGE, tmp_path / "featmap"
-    try:
-        assert imports(planted) == {"featmap.report.claims"}
-        assert folder("featmap.core.bad") == "core" and FLOW.index("report") > FLOW.index("core")
-    finally:
-        PACKAGE = saved
+def test_the_checkers_see_planted_violations_in_a_package_tree(tmp_path):
+    """A featmap tree with an import against the flow (core -> report, written three ways) and a cycle inside maps:
+    the checkers the real package passes report exactly those."""
+    tree = {"__init__.py": "",
+            "core/__init__.py": '"""Shared plumbing."""\n',
+            "core/bad.py": "import json\nfrom featmap.core import ok\n\n\ndef late():\n"
+                           "    from featmap.report.claims import overall\n    return overall\n",
+            "core/ok.py": "",
+            "core/worse.py": "from ..report import claims\n",
+            "core/also.py": "import featmap.report.plots\n",
+            "maps/__init__.py": '"""Maps."""\nfrom featmap.maps import a  # a registry filling: not a cycle\n',
+            "maps/a.py": "from featmap.maps.b import B\nfrom featmap.core.ok import *\n",
+            "maps/b.py": "from featmap.maps import a\nB = 1\n",
+            "report/__init__.py": '"""Reports."""\n',
+            "report/claims.py": "from featmap.maps.a import B\n",
+            "report/plots.py": ""}
+    for name, text in tree.items():
+        (tmp_path / "featmap" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "featmap" / name).write_text(text)
+    g = graph(tmp_path / "featmap")
+    assert against_the_flow(g) == ["featmap.core.also imports featmap.report.plots",
+                                   "featmap.core.bad imports featmap.report.claims",
+                                   "featmap.core.worse imports featmap.report",  # the package, then its module
+                                   "featmap.core.worse imports featmap.report.claims"]
+    assert cycles(g) == [["featmap.maps.a", "featmap.maps.b", "featmap.maps.a"]]
 
 
 def test_progress_goes_to_the_terminal_file_never_a_kernel_page(tmp_path, monkeypatch):

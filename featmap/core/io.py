@@ -1,9 +1,11 @@
 """A content-addressed, atomic, float16 feature cache: a rerun extracts nothing."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -23,22 +25,92 @@ def content_key(identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+# A failed write on a filesystem with less than this left is taken for a full disk even when the error does not say
+# so: torch.save reports a short write as "unexpected pos" (the ENOSPC sits in its context, where a C++ caller may
+# drop it), and a nearly full disk is what makes writes come up short.
+LOW_SPACE_BYTES = 1 << 20
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """A write that found no space left; the message names the folder, the space left there and what was needed."""
+
+    def __init__(self, path: Path, free: int | None, written: int, cause: BaseException):
+        self.path, self.folder, self.free, self.written = path, path.parent, free, written
+        left = "unknown space" if free is None else f"{_size(free)}"
+        super().__init__(errno.ENOSPC, (
+            f"no space left to write {path.name} in {path.parent}: {left} free on its filesystem, and the write "
+            f"failed after {_size(written)} ({type(cause).__name__}: {cause}); free some space there, or point the "
+            f"cache (${CACHE_ENV} or the cache_dir parameter) or the results ($FEATMAP_RESULTS) at a disk with room, "
+            "and run again: nothing was half-written"))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Returns the bytes free on ``folder``'s filesystem (None where it cannot be read)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _out_of_space(error: BaseException, free: int | None) -> bool:
+    """Returns whether ``error``, raised while writing, comes from a full disk or quota."""
+    seen, cause = set(), error
+    while cause is not None and id(cause) not in seen:  # torch.save's RuntimeError keeps the OSError as context
+        if isinstance(cause, OSError) and cause.errno in _FULL:
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return isinstance(error, (OSError, RuntimeError)) and free is not None and free < LOW_SPACE_BYTES
+
+
+def _open_temporary(path: Path):
+    """Returns (an open binary file, its name) for a new temporary file beside ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return os.fdopen(fd, "wb"), tmp
+
+
 def atomic_write(path: Path, write) -> None:
     """Calls ``write(file)`` on a temporary file beside ``path``, then renames it onto ``path``.
 
-    A crash mid-write leaves only a ``.tmp`` file, which no reader looks at.
+    A crash mid-write leaves only a ``.tmp`` file, which no reader looks at; a failed write removes its temporary
+    file. Every file featmap writes goes through here, so a full disk is one error for all of them: a
+    ``DiskFullError`` (an ``OSError``, errno ENOSPC) naming the folder and the space left.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path = Path(path)
+    tmp, written = None, 0
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f, tmp = _open_temporary(path)
+        with f:
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                written = os.fstat(f.fileno()).st_size
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        free = _free_bytes(path.parent if path.parent.is_dir() else _existing_parent(path))
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, DiskFullError) and _out_of_space(e, free):
+            raise DiskFullError(path, free, written, e) from e
         raise
+
+
+def _existing_parent(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.is_dir():
+            return parent
+    return Path("/")
 
 
 def read_cached(path: Path, load):

@@ -132,26 +132,66 @@ def write_cached(path: Path, save, value) -> None:
     atomic_write(path, lambda f: save(f, value))
 
 
+def lock_dir() -> Path:
+    """Returns the folder of the entry locks: per user, under the temporary directory (the cache holds entries
+    only)."""
+    return Path(tempfile.gettempdir()) / f"featmap-locks-{os.getuid()}"
+
+
 @contextmanager
-def entry_lock(path: Path):
-    """Holds an exclusive lock on the cache entry ``path`` across processes (a file named by the entry's path hash
-    under the temporary directory, so the cache holds entries only), so that two chapters running at once compute
-    a shared entry (one inverter, say) once: the second waits, then reads. Where the platform has no ``fcntl``
-    (Windows) it locks nothing."""
+def entry_lock(path: Path, wait: bool = True):
+    """Holds an exclusive lock on the cache entry ``path`` across processes and threads, so that two chapters
+    running at once compute a shared entry (one inverter, say) once: the second waits, then reads. Yields True once
+    held; with ``wait=False`` it yields False at once where another holds it. Where the platform has no ``fcntl``
+    (Windows) it locks nothing and yields True.
+
+    The lock is a file under ``lock_dir()`` named by the hash of the entry's path, removed on release, so the
+    folder holds only the locks in use (see ``_lock_file`` for why that is safe)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover (Windows)
-        yield
+        yield True
         return
-    locks = Path(tempfile.gettempdir()) / f"featmap-locks-{os.getuid()}"
-    locks.mkdir(parents=True, exist_ok=True)
-    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
-    with open(locks / f"{name}.lock", "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    folder = lock_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    name = folder / f"{hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()}.lock"
+    f = _lock_file(name, wait)
+    if f is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        name.unlink(missing_ok=True)  # while held: see _lock_file
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _lock_file(name: Path, wait: bool):
+    """Returns the open lock file ``name``, flock-ed, or None when ``wait`` is False and another holds it.
+
+    The holder unlinks the name before it unlocks, so a process that opened the name earlier may come to hold a
+    lock on an inode no longer reachable by that name, while a newcomer creates and locks a fresh file under it:
+    two holders of "one" lock. A lock therefore counts only when, once held, the name still points at the locked
+    inode; otherwise the stale inode is let go and the name opened again. Only a holder unlinks, so while one holds
+    a counted lock the name keeps pointing at its inode and every other process fails that check."""
+    import fcntl
+
+    while True:
+        f = open(name, "a+b")
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.close()
+            return None
+        try:
+            on_disk = os.stat(name)
+        except FileNotFoundError:
+            on_disk = None
+        held = os.fstat(f.fileno())
+        if on_disk is not None and (on_disk.st_ino, on_disk.st_dev) == (held.st_ino, held.st_dev):
+            return f
+        f.close()  # a stale inode: its holder released it after unlinking the name
 
 
 def cached(path: Path, load, compute, save, lock: bool = False):

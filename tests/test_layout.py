@@ -1,8 +1,13 @@
-"""The package's plan: folders follow the data flow, imports run with it, never against it, never in a circle."""
+"""The package's plan: folders follow the data flow, imports run with it, never against it, never in a circle; and the
+repository speaks of the product only."""
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 import featmap
 
@@ -159,3 +164,61 @@ def test_progress_goes_to_the_terminal_file_never_a_kernel_page(tmp_path, monkey
     bar.update(3)
     bar.close()
     assert "extracting" in log.read_text() and "3/3" in log.read_text()
+
+
+# Text about the work that made the repository rather than the product (its stages, requests and tickets, tools used
+# to make it), each written so that it does not match itself. Files the text names must be in the repository: see
+# MARKDOWN.
+WORK_TALK = [re.compile(p, re.IGNORECASE) for p in (
+    r"\b(this|last|next|previous)[ ]stop\b", r"\bearlier[ ]stops\b", r"\bstops[ ]ago\b",
+    r"\bthe[ ]brief\b", r"\b(issue|ticket)s?[ ]#?\d+", r"(?<![\w.-])shared[/]",
+    r"\b(this|last|previous|next|work|working)[ ]session\b",
+    r"\bdevice[ ](tool|image|machine)\b", r"\btimeout[_]s\b", r"\bcarry(ing)?[ ](it\b|\[|`?\.whl)",
+)]
+MARKDOWN = re.compile(r"\b[A-Z][A-Z_]*\.md\b")  # a markdown file named in capitals, as README.md: one of the repository
+
+
+def work_talk(root: Path, files: list[str]) -> list[str]:
+    """Returns "file:line: text" for every line of ``files`` (text files under ``root``; others are passed over)
+    that speaks of the work rather than the product, or names a markdown file the repository does not hold."""
+    held = {Path(f).name for f in files}
+    found = []
+    for name in files:
+        try:
+            text = (root / name).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, IsADirectoryError, FileNotFoundError):
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if any(p.search(line) for p in WORK_TALK) or set(MARKDOWN.findall(line)) - held:
+                found.append(f"{name}:{number}: {line.strip()[:160]}")
+    return found
+
+
+def tracked_files() -> list[str]:
+    """Returns the repository's tracked files (``git ls-files``), relative to its root."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=PACKAGE.parent, capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"not a git checkout, so there is no list of the repository's files: {error}")
+    return [f for f in listed.stdout.decode().split("\0") if f]
+
+
+def test_the_repository_speaks_of_the_product_only():
+    found = work_talk(PACKAGE.parent, tracked_files())
+    assert not found, f"{len(found)} line(s) about the work, not the product, or naming a file the repository " \
+                      "does not hold:\n" + "\n".join(found)
+
+
+def test_the_work_talk_scan_sees_planted_lines(tmp_path):
+    # "~" is dropped before the scan: it keeps these lines from being found in this file
+    lines = [line.replace("~", "") for line in (
+        "measured on this ~stop's code", "Earlier ~stops: none", "as the ~brief states", "fixed (issue ~15)",
+        "see shared~/paper/notes.txt", "see DESIGN~.md", "run with carry ~[\".whl\"]", "timeout~_s 600",
+        "what the device ~image lacks")]
+    fine = ["the stop criterion: patience 6", "this stops early", "a brief summary", "issues a warning",
+            "see README.md", "a session-scoped fixture, once per session", "rows carry one interval"]
+    (tmp_path / "notes.txt").write_text("\n".join(lines + fine) + "\n")
+    (tmp_path / "README.md").write_text("")
+    (tmp_path / "photo.webp").write_bytes(bytes(range(256)))  # not text: passed over
+    found = work_talk(tmp_path, ["notes.txt", "README.md", "photo.webp"])
+    assert found == [f"notes.txt:{i}: {line}" for i, line in enumerate(lines, 1)]

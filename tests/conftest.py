@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from featmap.core.memory import keep_freed_memory
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast rather than retry a hub that is not there
+# A test run is an entry point as `python -m featmap` is: the arrays its tests free are reused, not faulted in again
+keep_freed_memory()
 
 REPO = Path(__file__).resolve().parent.parent
 

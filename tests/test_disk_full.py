@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -166,3 +167,79 @@ def test_a_real_full_filesystem_is_one_error_naming_the_folder(small_disk, kind)
     (small_disk / "filler").unlink()
     atomic_write(target, WRITERS[kind])
     assert target.is_file()
+
+
+# -- a chapter on a full disk, then rerun ------------------------------------------------------------------------
+
+def _tiny_config(photo_dir: Path):
+    from featmap.run.config import RunConfig
+
+    return RunConfig(chapter="geometric", manipulations=["rotation_90"], layers=["blocks.6"], images=str(photo_dir),
+                     image_size=128, mappings=["identity", "linear"], bootstrap=50, inverter_epochs=1, threads=1)
+
+
+def _fresh_process_state():
+    """Forgets what this process built (LPIPS models, feature arrays read): a run sees only its cache folder."""
+    from featmap.score import images
+
+    images._offline_lpips.cache_clear()
+
+
+def _run(photo_dir: Path, root: Path, monkeypatch) -> pd.DataFrame:
+    from featmap.run.chapter import run_chapter
+
+    monkeypatch.setenv("FEATMAP_CACHE", str(root / "cache"))
+    monkeypatch.setenv("FEATMAP_RESULTS", str(root / "results"))
+    _fresh_process_state()
+    run_chapter(_tiny_config(photo_dir))
+    table = pd.read_csv(root / "results" / "geometric.csv")
+    return table[table.metric != "fit_seconds"].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, photo_dir):
+    with pytest.MonkeyPatch.context() as mp:
+        return _run(photo_dir, tmp_path_factory.mktemp("uninterrupted"), mp)
+
+
+def test_a_chapter_on_a_full_disk_stops_naming_the_folder_and_its_rerun_gives_the_uninterrupted_table(
+        tmp_path, photo_dir, disk, monkeypatch, uninterrupted, one_thread):
+    """8 MB free: the features, the inverter and the scores fit, the LPIPS weights' conversion (9.9 MB) does not.
+    That write failing was once taken for "LPIPS unavailable": the run went on, cached its scores without LPIPS and
+    a rerun served them. It must stop, and the rerun after space is freed must give the uninterrupted table."""
+    assert (uninterrupted.metric == "lpips").sum() > 0  # the table this test compares with has LPIPS rows
+    disk.free = 8 * MB
+    with pytest.raises(DiskFullError) as err:
+        _run(photo_dir, tmp_path, monkeypatch)
+    assert str(tmp_path / "cache" / "lpips") in str(err.value) and "free on its filesystem" in str(err.value)
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "results").exists()
+    disk.free = 1 << 40  # space freed
+    again = _run(photo_dir, tmp_path, monkeypatch)
+    pd.testing.assert_frame_equal(again, uninterrupted)
+
+
+def test_scores_made_without_a_metric_are_not_served_to_a_run_that_has_it(tmp_path, photo_dir, monkeypatch,
+                                                                           uninterrupted, one_thread):
+    from featmap.score import lpips_offline
+
+    with monkeypatch.context() as mp:  # the weights package genuinely missing: LPIPS is unavailable, and says why
+        mp.setattr(lpips_offline, "available", lambda net="alex": (False, f"LPIPS {net} is unavailable: not installed"))
+        without = _run(photo_dir, tmp_path, mp)
+    assert "lpips" not in set(without.metric) and "st_lpips" in set(without.metric)
+    again = _run(photo_dir, tmp_path, monkeypatch)  # the same cache, LPIPS installed again
+    pd.testing.assert_frame_equal(again, uninterrupted)
+
+
+def test_a_damaged_weights_file_is_an_error_naming_it_not_an_unavailable_metric(tmp_path, monkeypatch):
+    from featmap.score import images, lpips_offline
+
+    damaged = tmp_path / "alexnet.ckpt"
+    damaged.write_bytes(b"\x80\x04 not a checkpoint")
+    monkeypatch.setattr(lpips_offline, "weights_file", lambda net: damaged)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torchvision-checkpoint"))
+    images._offline_lpips.cache_clear()
+    assert images.lpips_available()[0]  # the package and its file are there: available ...
+    photos = np.zeros((1, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match=rf"LPIPS alex weights {damaged} cannot be read.*--force-reinstall"):
+        images.lpips_distance(photos, photos)  # ... and using it fails naming the file, never drops the rows
+    images._offline_lpips.cache_clear()

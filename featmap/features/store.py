@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+from collections import deque
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from featmap.core.io import content_key, default_cache_dir, read_cached, write_cached
+from featmap.core.io import content_key, default_cache_dir, entry_lock, read_cached, write_cached
 from featmap.core.memo import ArrayMemo
 from featmap.core.progress import bar as progress_bar
 from featmap.data.images import ImageSet, View
@@ -118,37 +120,93 @@ class FeatureStore:
         return manipulation(img, self.seed, view.key) if manipulation else img
 
     def ensure(self, views: list[View], manipulations: list[Manipulation | None]) -> int:
-        """Extracts every missing (view, manipulation) for all layers; returns how many images went through.
+        """Extracts every missing (view, manipulation) for all layers; returns how many images this call sent
+        through the backbone.
+
+        Processes extracting at once (two chapters, two identical runs) extract each image once: a view's missing
+        images are taken under a lock on (backbone, view), looked up again once it is held (another process may have
+        written them meanwhile), and the lock is let go once they are written. Views another process holds are
+        passed over and come back at the end, so neither waits while there is other work. Batches still gather
+        many views' images: a lock per view, not per pass, because two runs' lists of missing images differ by
+        whatever each found written when it started, so their passes would not line up.
 
         Every forward pass holds exactly ``batch_size`` images: a last, smaller batch is filled with copies of its
         last image, whose outputs are dropped. The backbone's numbers for an image can depend on how many images
         share its pass (Lite0 on one CPU thread: a pass of 1 to 15 images differs from one of 16 to 32 in the last
-        bits, which float16 keeps), and which entries are missing when a call starts depends on the chapter running
-        beside it: the geometric chapter's list was 3,816 or 3,843 images in two cold books, its last pass 8 or 3
-        images, and the two books' results differed in the sixth digit. With full passes a feature does not
-        depend on which call extracted it (tested). A call costs at most ``batch_size - 1`` extra images."""
-        layers = self.backbone.layers
-        todo = [(v, m) for v in views for m in manipulations
-                if not all(self.cache.contains(self.key(v, m, layer)) for layer in layers)]
+        bits, which float16 keeps); with full passes a feature does not depend on which call, or which company in
+        its pass, extracted it (tested). A call costs at most ``batch_size - 1`` extra images, and as many again
+        each time it finds every view left held by another process."""
+        todo = [v for v in views if self._missing(v, manipulations)]
         if not todo:
             return 0
-        bar = progress_bar(total=len(todo), desc=f"extracting {self.backbone.name}", unit="img",
+        bar = progress_bar(total=len(todo) * len(manipulations), desc=f"extracting {self.backbone.name}", unit="img",
                            disable=not self.progress)
-        current_view, base = None, None
-        for start in range(0, len(todo), self.batch_size):
-            batch = todo[start:start + self.batch_size]
-            images = []
-            for view, manip in batch:
-                if view is not current_view:  # todo is grouped by view: decode each photo once
-                    current_view, base = view, self.image(view, None)
-                images.append(manip(base, self.seed, view.key) if manip else base)
-            images += images[-1:] * (self.batch_size - len(images))
-            feats = self.backbone.features(np.stack(images))
-            for layer, maps in feats.items():
-                self.cache.put_many([self.key(view, manip, layer) for view, manip in batch], maps[:len(batch)])
-            bar.update(len(batch))
-        bar.close()
-        return len(todo)
+        waiting, pending, held, done = deque(dict.fromkeys(todo)), [], {}, 0
+        try:
+            while waiting:
+                sweep, passed_over = len(waiting), 0
+                for _ in range(sweep):
+                    view = waiting.popleft()
+                    lock = self._lock(view, wait=False)
+                    if lock is None:  # another process is extracting it: come back to it
+                        waiting.append(view)
+                        passed_over += 1
+                        continue
+                    missing = self._missing(view, manipulations)
+                    bar.update(len(manipulations) - len(missing))
+                    if not missing:
+                        lock.close()
+                        continue
+                    held[view] = [lock, len(missing)]
+                    pending += [(view, m) for m in missing]
+                    while len(pending) >= self.batch_size:
+                        done += self._extract(pending[:self.batch_size], held, bar)
+                        pending = pending[self.batch_size:]
+                if passed_over == sweep:  # every view left is held elsewhere
+                    if pending:
+                        done += self._extract(pending, held, bar)
+                        pending = []
+                    lock = self._lock(waiting[0], wait=True)  # holding nothing while it waits: no deadlock
+                    lock.close()  # the other process has finished it: the loop looks again
+            if pending:
+                done += self._extract(pending, held, bar)
+        finally:
+            for lock, _ in held.values():
+                lock.close()
+            bar.close()
+        return done
+
+    def _missing(self, view: View, manipulations: list[Manipulation | None]) -> list[Manipulation | None]:
+        layers = self.backbone.layers
+        return [m for m in manipulations if not all(self.cache.contains(self.key(view, m, layer)) for layer in layers)]
+
+    def _lock(self, view: View, wait: bool) -> ExitStack | None:
+        """Returns the held lock on extracting ``view`` with this backbone and cache (close it to let go), or None
+        when another process holds it and ``wait`` is False."""
+        stack = ExitStack()
+        if stack.enter_context(entry_lock(self.cache.path(self.key(view, None, "extracting")), wait)):
+            return stack
+        stack.close()
+        return None
+
+    def _extract(self, batch: list[tuple[View, Manipulation | None]], held: dict, bar) -> int:
+        """Runs one forward pass of ``batch`` (filled to ``batch_size``), writes its features, lets go of the views
+        it finished; returns the batch's length."""
+        images, decoded = [], {}
+        for view, manip in batch:
+            if view not in decoded:  # a view's images sit together: decode each photo once
+                decoded = {view: self.image(view, None)}
+            images.append(manip(decoded[view], self.seed, view.key) if manip else decoded[view])
+        images += images[-1:] * (self.batch_size - len(images))
+        feats = self.backbone.features(np.stack(images))
+        for layer, maps in feats.items():
+            self.cache.put_many([self.key(view, manip, layer) for view, manip in batch], maps[:len(batch)])
+        for view, _ in batch:
+            held[view][1] -= 1
+            if not held[view][1]:
+                held.pop(view)[0].close()
+        bar.update(len(batch))
+        return len(batch)
 
     def load(self, views: list[View], manipulation: Manipulation | None, layer: str) -> torch.Tensor:
         """Returns the (N, C, H, W) float32 maps of ``views``, extracting whatever is missing."""

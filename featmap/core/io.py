@@ -1,4 +1,4 @@
-"""A content-addressed, atomic, float16 feature cache: a rerun extracts nothing."""
+"""The one write helper (atomic; a full disk is one clear error), content keys, the cache helper and entry locks."""
 from __future__ import annotations
 
 import errno
@@ -37,7 +37,7 @@ class DiskFullError(OSError):
 
     def __init__(self, path: Path, free: int | None, written: int, cause: BaseException):
         self.path, self.folder, self.free, self.written = path, path.parent, free, written
-        left = "unknown space" if free is None else f"{_size(free)}"
+        left = "unknown space" if free is None else _size(free)
         super().__init__(errno.ENOSPC, (
             f"no space left to write {path.name} in {path.parent}: {left} free on its filesystem, and the write "
             f"failed after {_size(written)} ({type(cause).__name__}: {cause}); free some space there, or point the "

@@ -1,4 +1,4 @@
-"""The results table: one row per measured number, one CSV per chapter (see DESIGN.md)."""
+"""The results table: one row per measured number, one CSV per chapter, every row saying what produced it."""
 from __future__ import annotations
 
 import dataclasses

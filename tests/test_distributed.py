@@ -13,13 +13,13 @@ import torch
 import torch.multiprocessing as mp
 
 import featmap.maps.learned as learned
-from featmap import distributed
 from featmap.__main__ import build_config
-from featmap.core.distributed import Context
+from featmap.core.distributed import Context, init, shutdown
 from featmap.maps.base import MapOptions, get_mapping
 from featmap.maps.data import PairData, ShardedPairData
 from featmap.maps.stats import LinearStats
 from featmap.run.chapter import map_options, prepare, run_chapter
+from featmap.run.distributed import prepare_chapter
 from featmap.run.presets import defaults as chapter_defaults
 from featmap.train.loop import TrainConfig
 
@@ -182,7 +182,7 @@ def test_a_killed_rank_leaves_no_entry_a_rerun_trusts(run2, photo_dir, tmp_path,
         np.testing.assert_array_equal(np.load(path), np.load(clean[key]))
 
     config = build_config("masking", [], [], cli_params(photo_dir, cache))
-    rerun = distributed.prepare_chapter(config, Context())  # a rerun on any number of processes
+    rerun = prepare_chapter(config, Context())  # a rerun on any number of processes
     assert rerun["per_rank"][0]["cache_writes"] == len(expected_keys) - len(entries)
     after = npy_files(cache)
     assert set(after) == expected_keys
@@ -215,21 +215,21 @@ class Pairs:
 
 def ddp_options(cache: Path) -> MapOptions:
     # "tiny" has no dropout: with it, each rank would draw other masks than one process does.
-    train = TrainConfig(lr=1e-2, batch_size=48, max_epochs=8, early_stop_patience=8, seed=0)
-    return MapOptions(size="tiny", cache_dir=str(cache), progress=False, device="cpu", train=train)
+    train = TrainConfig(lr=1e-2, batch_size=48, max_steps=40, eval_every=5, patience=40, plateau_steps=40, seed=0)
+    return MapOptions(size="tiny", cache_dir=str(cache), progress=False, device="cpu", train=train, start="identity")
 
 
 def _two_rank_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
     torch.set_num_threads(1)
-    context = distributed.init("cpu")
+    context = init("cpu")
     x, y = planted(0)
     # Each rank sums the statistics of its share; the all-reduced sums are every position's.
     local = LinearStats(8, 8).update(context.shard(x), context.shard(y))
     torch.save(context.all_reduce_stats(local).__dict__, Path(out) / f"stats{rank}.pt")
     get_mapping("mlp", ddp_options(Path(out))).fit(Pairs(x, y), context=context)
-    distributed.shutdown(context)
+    shutdown(context)
 
 
 def test_ddp_training_and_stats_match_one_process(tmp_path):
@@ -245,10 +245,11 @@ def test_ddp_training_and_stats_match_one_process(tmp_path):
     assert len(maps) == 1 and not list((tmp_path / "maps").glob("*.partial.pt"))  # rank 0 wrote one map
     ddp = torch.load(maps[0])
     single = get_mapping("mlp", ddp_options(tmp_path / "single")).fit(Pairs(x, y))
-    assert ddp["history"]["epochs"] == single.history["epochs"] == 8
+    assert ddp["history"]["steps"] == single.history["steps"] == 40
     # Same seeded batches, gradient of the whole batch: equal up to the order of float32 sums (measured: 3e-7
     # of the largest weight, 1e-6 relative on validation losses; asserted with ten times that room).
-    np.testing.assert_allclose(ddp["history"]["history"], single.history["history"], rtol=1e-5)
+    np.testing.assert_allclose([r["val_loss"] for r in ddp["history"]["history"]],
+                               [r["val_loss"] for r in single.history["history"]], rtol=1e-5)
     for name, value in single.model.state_dict().items():
         np.testing.assert_allclose(ddp["model"][name], value, rtol=0, atol=1e-5 * float(value.abs().max()) + 1e-8,
                                    err_msg=name)

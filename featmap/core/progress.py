@@ -9,17 +9,11 @@ from __future__ import annotations
 import io
 import os
 import sys
-import warnings
 from pathlib import Path
 
-from tqdm import TqdmWarning, tqdm
+from tqdm import tqdm
 
 PROGRESS_ENV = "FEATMAP_PROGRESS"
-
-# huggingface_hub (imported by timm) imports tqdm.auto, which warns inside a kernel without ipywidgets: the book
-# draws no widgets (progress goes to the terminal), so that notice is not news to anyone reading the page.
-warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
-
 
 def _in_kernel() -> bool:
     """Returns whether this process is a notebook kernel (its stderr lands in the notebook)."""

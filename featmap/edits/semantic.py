@@ -8,7 +8,7 @@ None, ``__call__(image, seed, item)``, ``cache_key(seed)``, ``check_grid``), aft
     views = edit.usable(views)                              # drops photos whose mask failed; edit.skipped says why
 
 ``image_of`` must build the working-size view from ``view.photo.path`` (as ``FeatureStore.image`` does),
-never look it up by key: edits made elsewhere (``featmap.edit_manifest``) pass it views of their files.
+never look it up by key: edits made elsewhere (``featmap.edits.manifest``) pass it views of their files.
 Editors that take another photo (``background_swap``, ``object_paste``) choose it among the bound
 views of other photos, from (seed, item, the bound views), so bind each split part separately: a test
 photo never borrows from a training photo. Edited images are cached losslessly under

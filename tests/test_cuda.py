@@ -68,9 +68,10 @@ def test_cuda_backbone_gives_the_cpu_features(cpu_lite0, images):
 def test_cuda_trained_maps_fit_a_planted_shared_affine_map_and_repeat_for_a_seed(tmp_path, name):
     x, y, _, _ = shared_affine(0)
     data = Pairs(x, y)
-    train = TrainConfig(lr=1e-2, batch_size=64, max_epochs=60, early_stop_patience=60, seed=0)
+    train = TrainConfig(lr=1e-2, batch_size=64, max_steps=360, eval_every=10, patience=360, plateau_steps=360, seed=0)
     first, again = (get_mapping(name, MapOptions(size="tiny", progress=False, device=DEVICE, train=train,
-                                                 cache_dir=str(tmp_path / run))).fit(data) for run in "ab")
+                                                 start="identity", cache_dir=str(tmp_path / run))).fit(data)
+                    for run in "ab")
     xt, yt = data.tensors("test")
     pred = first.predict(xt)
     assert pred.device.type == "cpu" and pred.dtype == torch.float32

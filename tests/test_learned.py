@@ -43,9 +43,12 @@ def shared_affine(seed, n=640, c=8, side=4):
     return x, torch.einsum("oc,bchw->bohw", w, x) + b.view(1, -1, 1, 1), w, b
 
 
-def options(tmp_path, **train):
-    cfg = {"lr": 1e-2, "batch_size": 64, "max_epochs": 60, "early_stop_patience": 60, "seed": 0, **train}
-    return MapOptions(size="tiny", cache_dir=str(tmp_path), progress=False, train=TrainConfig(**cfg))
+def options(tmp_path, start="identity", **train):
+    """Tiny maps trained for at most 360 steps (no early stop, no plateau before the cap); ``start`` identity so that
+    a planted map is learned by the network itself, not handed over by the closed-form linear start."""
+    cfg = {"lr": 1e-2, "batch_size": 64, "max_steps": 360, "eval_every": 10, "patience": 360, "plateau_steps": 360,
+           "seed": 0, **train}
+    return MapOptions(size="tiny", cache_dir=str(tmp_path), progress=False, start=start, train=TrainConfig(**cfg))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -99,6 +102,66 @@ def test_positional_embeddings_let_a_transformer_learn_a_fixed_permutation(tmp_p
     assert without < 0.5, float(without)
 
 
+def planted_nonlinear(seed, n=400, c=6, side=4):
+    """Returns x and y = relu(W x + b) + a neighbour's channel 0: affine to first order, with a non-linear and a
+    spatial part no shared linear map can reach."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c, c, generator=g) / c ** 0.5
+    x = torch.randn(n, c, side, side, generator=g) * torch.linspace(0.5, 3, c).view(1, c, 1, 1) + 1.0
+    y = torch.relu(torch.einsum("oc,bchw->bohw", w, x) + 0.3) + 0.5 * torch.roll(x[:, :1], 1, dims=3)
+    return x, y
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "transformer_pe"])
+def test_a_linear_start_predicts_the_closed_form_linear_map_before_the_first_step(tmp_path, name):
+    x, y = planted_nonlinear(0)
+    data = Pairs(x, y)
+    m = get_mapping(name, options(tmp_path, start="linear", max_steps=0)).fit(data)
+    linear = get_mapping("linear").fit(data)
+    xt = data.tensors("test")[0]
+    np_close = torch.testing.assert_close
+    np_close(m.predict(xt), linear.predict(xt), atol=2e-5, rtol=1e-5)
+    facts = m.extra_metrics()
+    assert facts["steps"] == 0 and facts["best_step"] == 0 and facts["stopped_early"] == 0
+    from featmap.maps.learned import objective
+    assert facts["train_loss"] == pytest.approx(objective(linear, data, m.options.train)["train_loss"], rel=1e-5)
+
+
+def test_a_linear_start_learns_what_the_linear_map_cannot_and_keeps_it_only_if_validation_agrees(tmp_path):
+    x, y = planted_nonlinear(1, n=1000)
+    data = Pairs(x, y)
+    xt, yt = data.tensors("test")
+    linear = cos_mean(get_mapping("linear").fit(data).predict(xt), yt).mean()
+    cnn = get_mapping("cnn", options(tmp_path, start="linear", lr=3e-3, patience=100, plateau_steps=50)).fit(data)
+    assert cnn.extra_metrics()["best_step"] > 0
+    assert cos_mean(cnn.predict(xt), yt).mean() > linear + 0.02, (float(linear), cnn.extra_metrics())
+    # targets of pure noise: nothing generalises, so the kept weights are the start's (step 0)
+    noise = Pairs(x, torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+    lucky = get_mapping("transformer", options(tmp_path, start="linear", patience=60, plateau_steps=30)).fit(noise)
+    assert lucky.extra_metrics()["best_step"] == 0 and lucky.extra_metrics()["stopped_early"] == 1
+    torch.testing.assert_close(lucky.predict(xt), get_mapping("linear").fit(noise).predict(xt), atol=2e-5, rtol=1e-5)
+
+
+def test_linear_sgd_starts_at_the_identity_with_the_closed_forms_prior(tmp_path):
+    x, y = planted_nonlinear(2, n=300)
+    data = Pairs(x, y)
+    net = learned.build_net("linear_sgd", 6, 16, MAP_SIZES["tiny"], start="linear")
+    assert torch.equal(net.weight[:, :, 0, 0], torch.eye(6)) and not net.bias.any()
+    penalty = learned.identity_prior(alpha=2.0, channels=6, mse_weight=0.3)
+    with torch.no_grad():
+        net.weight.add_(0.5)
+        assert penalty(net).item() == pytest.approx(0.3 * 2.0 / 6 * 36 * 0.25)
+    sgd = get_mapping("linear_sgd", options(tmp_path, start="linear", lr=3e-3, max_steps=5000, patience=300,
+                                            plateau_steps=100)).fit(data)
+    closed = get_mapping("linear").fit(data)
+    from featmap.maps.learned import objective
+    ref = objective(closed, data, sgd.options.train)
+    facts = sgd.extra_metrics()
+    assert facts["stopped_early"] == 1 and facts["best_val_loss"] <= ref["best_val_loss"] * 1.02, (facts, ref)
+    scratch = learned.build_net("linear_sgd", 6, 16, MAP_SIZES["tiny"], start="scratch")
+    assert not torch.equal(scratch.weight[:, :, 0, 0], torch.eye(6))  # the reference's random initialisation
+
+
 def test_normalisation_round_trips():
     x = torch.randn(10, 5, 3, 3) * torch.arange(1.0, 6.0).view(1, 5, 1, 1) + 7
     norm = Normalizer.fit(x)
@@ -131,10 +194,10 @@ def test_attention_dropout_is_its_own_setting_and_follows_dropout_when_unset():
     x = torch.randn(2, 6, 4, 4)
     # unset: torch's layer, dropout on the attention weights too (the reference's); small: none there
     assert learned.TokenTransformer(6, 16, 8, 1, 2, 16, 0.2, False).encoder.layers[0].self_attn.dropout == 0.2
-    small = learned.build_net("transformer", 6, 16, MAP_SIZES["small"])
+    small = learned.build_net("transformer", 6, 16, MAP_SIZES["small"], start="scratch")
     assert all(layer.self_attn.dropout == 0.0 for layer in small.encoder.layers)
     assert all(layer.self_attn.dropout == 0.2 for layer in
-               learned.build_net("transformer", 6, 16, MAP_SIZES["reference"]).encoder.layers)
+               learned.build_net("transformer", 6, 16, MAP_SIZES["reference"], start="scratch").encoder.layers)
     # wired into the forward pass: with every other dropout off, training mode is random only through attention
     for attention, random in ((0.0, False), (0.5, True)):
         torch.manual_seed(0)
@@ -142,11 +205,12 @@ def test_attention_dropout_is_its_own_setting_and_follows_dropout_when_unset():
         assert torch.equal(net(x), net(x)) is not random, attention
 
 
-def _train(seed, tmp_path=None, max_epochs=5):
+def _train(seed, tmp_path=None, max_steps=25):
     x, y, _, _ = shared_affine(1, n=200)
     torch.manual_seed(seed)
-    net = learned.build_net("mlp", 8, 16, {"hidden": 16, "dropout": 0.2}, residual=True)
-    cfg = TrainConfig(lr=1e-3, batch_size=32, max_epochs=max_epochs, early_stop_patience=100, seed=seed)
+    net = learned.build_net("mlp", 8, 16, {"hidden": 16, "dropout": 0.2}, start="identity")
+    cfg = TrainConfig(lr=1e-3, batch_size=32, max_steps=max_steps, eval_every=5, patience=100, plateau_steps=100,
+                      seed=seed)
     ckpt = tmp_path / "ckpt.pt" if tmp_path else None
     return train_map(net, (x[:150], y[:150]), (x[150:], y[150:]), cfg, torch.device("cpu"), ckpt, progress=False)
 
@@ -161,21 +225,21 @@ def test_training_is_deterministic_for_a_seed():
 
 @pytest.mark.usefixtures("every_epoch_checkpoints")
 def test_an_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch):
-    reference, ref_history = _train(0, max_epochs=6)
+    reference, ref_history = _train(0, max_steps=30)
     calls = {"n": 0}
     real = training._evaluate
 
-    def dies_at_epoch_4(*args):
+    def dies_at_the_fourth_validation(*args):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(training, "_evaluate", dies_at_epoch_4)
+    monkeypatch.setattr(training, "_evaluate", dies_at_the_fourth_validation)
     with pytest.raises(KeyboardInterrupt):
-        _train(0, tmp_path, max_epochs=6)
+        _train(0, tmp_path, max_steps=30)
     monkeypatch.setattr(training, "_evaluate", real)
-    resumed, history = _train(0, tmp_path, max_epochs=6)
+    resumed, history = _train(0, tmp_path, max_steps=30)
     assert history["history"] == ref_history["history"]
     for va, vb in zip(reference.state_dict().values(), resumed.state_dict().values()):
         assert torch.allclose(va, vb, atol=1e-6)
@@ -184,20 +248,20 @@ def test_an_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatc
 def test_a_trained_map_is_cached_and_reused(tmp_path, monkeypatch):
     x, y, _, _ = shared_affine(2, n=200)
     data = Pairs(x, y)
-    first = get_mapping("mlp", options(tmp_path, max_epochs=3)).fit(data)
+    first = get_mapping("mlp", options(tmp_path, max_steps=20)).fit(data)
     assert len(list((tmp_path / "maps").glob("*.pt"))) == 1
 
     def no_training(*a, **k):
         raise AssertionError("a cached map was trained again")
 
     monkeypatch.setattr(learned, "train_map", no_training)
-    again = get_mapping("mlp", options(tmp_path, max_epochs=3)).fit(data)
+    again = get_mapping("mlp", options(tmp_path, max_steps=20)).fit(data)
     xt = data.tensors("test")[0]
     assert torch.equal(first.predict(xt), again.predict(xt))
     assert again.fit_seconds() == first.fit_seconds() > 0
     other = Pairs(x, y, key="other data")  # other training pairs: another map
     monkeypatch.undo()
-    get_mapping("mlp", options(tmp_path, max_epochs=3)).fit(other)
+    get_mapping("mlp", options(tmp_path, max_steps=20)).fit(other)
     assert len(list((tmp_path / "maps").glob("*.pt"))) == 2
 
 
@@ -252,7 +316,7 @@ def test_dropout_keeps_one_minus_p_scaled_and_is_seeded():
 def test_the_learned_maps_use_the_cheaper_dropout():
     size = {"hidden": 16, "layers": 1, "heads": 2, "ffn": 32, "dropout": 0.2, "attention_dropout": 0.0}
     for name in ("mlp", "transformer", "transformer_pe"):
-        net = learned.build_net(name, 8, 16, size, residual=True)
+        net = learned.build_net(name, 8, 16, size, start="identity")
         kinds = {type(m) for m in net.modules()}
         assert learned.Dropout in kinds and torch.nn.Dropout not in kinds, name
 

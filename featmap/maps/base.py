@@ -45,13 +45,18 @@ MAP_SIZES = {
 }
 
 
+# Where the trained non-linear maps start (``featmap.maps.learned``): the closed-form shared linear map plus a
+# correction that starts at zero, the identity plus such a correction, or the reference's random initialisation.
+START_POINTS = ("linear", "identity", "scratch")
+
+
 @dataclass(frozen=True)
 class MapOptions:
     """Options every mapping may read: ridge strength, learned-map size preset, training settings."""
 
     ridge: float | str = "auto"
     size: str = "small"
-    residual: bool = True
+    start: str = "linear"
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "cpu"
     progress: bool = True
@@ -63,6 +68,8 @@ class MapOptions:
             raise ValueError(f"ridge must be 'auto' or a non-negative number, got {self.ridge!r}")
         if self.size not in MAP_SIZES:
             raise ValueError(f"unknown map size {self.size!r}; known: {', '.join(MAP_SIZES)}")
+        if self.start not in START_POINTS:
+            raise ValueError(f"start must be one of {', '.join(START_POINTS)}, got {self.start!r}")
 
 
 class Mapping:

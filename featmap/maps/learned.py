@@ -3,12 +3,28 @@
 ``linear_sgd`` (the shared 1x1 affine map, trained), ``mlp`` (per position, shared), ``cnn`` (two 3x3
 convolutions: a 5x5 neighbourhood), ``transformer`` (global, tokens = positions, no positional encoding, as
 the reference) and ``transformer_pe`` (the same with learned positional embeddings).
+
+Where the non-linear maps start (``MapOptions.start``):
+
+- ``linear`` (the default): the closed-form shared linear map's prediction (fit on the same training pairs, its
+  ridge strength chosen on the same validation pairs, then frozen) plus a learned correction whose last layer starts
+  at zero. Training begins exactly where the linear map ends, the validation loss is read before the first step, and
+  the kept weights are those of the best validation round: a map whose ``best_step`` is 0 found nothing beyond the
+  linear map that generalises to the validation photos, and its gain over linear is what its own view adds.
+- ``identity``: x + f(x), f's last layer at zero: training begins at y = x.
+- ``scratch``: the reference protocol's plain networks, from their random initialisation.
+
+``linear_sgd`` is the same model as the closed-form ``linear``, trained by the loop: from ``scratch`` it is the
+reference's randomly initialised 1x1 map; otherwise it starts at W = I, b = 0 and its training loss carries the
+closed form's prior, the ridge penalty toward W = I at the strength the closed form chose on the validation photos
+(in normalised coordinates: ``mse_weight * alpha / C * ||W - I||^2`` is the closed form's ``lambda ||W - I||^2``
+on the loss's scale), so the two differ only in the objective's cosine part and in how they are solved.
 """
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -16,8 +32,9 @@ from torch import nn
 from featmap.core.device import resolve_device
 from featmap.core.io import content_key, default_cache_dir
 from featmap.core.seeding import derive_seed
-from featmap.maps.base import MAP_SIZES, MAPPINGS, FitData, Mapping
-from featmap.train.loop import train_map
+from featmap.maps.base import MAP_SIZES, MAPPINGS, START_POINTS, FitData, MapOptions, Mapping
+from featmap.maps.closed_form import Linear
+from featmap.train.loop import TrainConfig, map_losses, train_map
 from featmap.train.normalizer import NormalizedMap, Normalizer
 from featmap.train.strategy import strategy_for
 
@@ -131,15 +148,44 @@ class Residual(nn.Module):
         return x + self.net(x)
 
 
-def build_net(name: str, channels: int, positions: int, size: dict, residual: bool = False) -> nn.Module:
+class LinearStart(nn.Module):
+    """A fixed 1x1 affine map (buffers: never trained) plus f(x), f's last layer zeroed at initialisation: training
+    starts at the affine map's prediction (set by ``set_start``), and f learns the correction."""
+
+    def __init__(self, channels: int, net: nn.Module, last: nn.Module):
+        super().__init__()
+        self.net = net
+        self.register_buffer("weight", torch.eye(channels).view(channels, channels, 1, 1))
+        self.register_buffer("bias", torch.zeros(channels))
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def set_start(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Sets the fixed map to y = weight x + bias ((C, C) and (C,), in the features' coordinates)."""
+        self.weight.copy_(weight.view_as(self.weight))
+        self.bias.copy_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.weight, self.bias) + self.net(x)
+
+
+def build_net(name: str, channels: int, positions: int, size: dict, start: str = "identity") -> nn.Module:
     """Returns the untrained network of a learned map (sizes from ``MAP_SIZES``).
 
-    ``residual`` wraps the non-linear maps as x + f(x) starting from the identity; without it they are the
-    reference's plain architectures. ``linear_sgd`` is always the plain 1x1 affine map.
+    ``start`` (see the module docstring): ``linear`` wraps a non-linear map as ``LinearStart`` (its fixed map the
+    identity until ``set_start``), ``identity`` as x + f(x), ``scratch`` leaves the reference's plain architecture.
+    ``linear_sgd`` is the plain 1x1 affine map: at W = I, b = 0 unless ``scratch`` (torch's initialisation).
     """
+    if start not in START_POINTS:
+        raise ValueError(f"start must be one of {', '.join(START_POINTS)}, got {start!r}")
     h, p = size["hidden"], size["dropout"]
     if name == "linear_sgd":
-        return nn.Conv2d(channels, channels, 1)
+        net = nn.Conv2d(channels, channels, 1)
+        if start != "scratch":
+            with torch.no_grad():
+                net.weight.copy_(torch.eye(channels).view_as(net.weight))
+                net.bias.zero_()
+        return net
     if name == "mlp":
         net = PerPosition(nn.Sequential(nn.Linear(channels, h), nn.ReLU(), Dropout(p), nn.Linear(h, channels)))
         last = net.net[-1]
@@ -153,7 +199,31 @@ def build_net(name: str, channels: int, positions: int, size: dict, residual: bo
         last = net.out
     else:
         raise ValueError(f"no network for {name!r}")
-    return Residual(net, last) if residual else net
+    if start == "linear":
+        return LinearStart(channels, net, last)
+    return Residual(net, last) if start == "identity" else net
+
+
+def normalised_affine(weight: torch.Tensor, bias: torch.Tensor, normalizer: Normalizer) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+    """Returns (W_n, b_n): the affine map y = W x + b on raw features as it acts on features normalised by
+    ``normalizer`` (the same statistics for input and output): W_n = S^-1 W S, b_n = S^-1 (W m + b - m)."""
+    m, s = normalizer.mean.view(-1).double(), normalizer.std.view(-1).double()
+    w = weight.double()
+    return (w / s[:, None] * s[None, :]).float(), ((w @ m + bias.double() - m) / s).float()
+
+
+def identity_prior(alpha: float, channels: int, mse_weight: float) -> Callable[[nn.Module], torch.Tensor]:
+    """Returns the penalty ``mse_weight * alpha / C * ||W - I||^2`` on a 1x1 affine map's weight: the closed form's
+    ridge prior toward W = I (relative strength ``alpha``) on the scale of the loss's mean squared error over
+    normalised features (whose trace(X^T X) / C is the number of positions)."""
+    coef = mse_weight * float(alpha) / channels
+    eye = torch.eye(channels)
+
+    def penalty(net: nn.Module) -> torch.Tensor:
+        w = net.weight[:, :, 0, 0]
+        return coef * (w - eye.to(w)).pow(2).sum()
+    return penalty
 
 
 class LearnedMapping(Mapping):
@@ -161,11 +231,19 @@ class LearnedMapping(Mapping):
 
     learned = True
 
+    def _linear(self, data: FitData) -> Linear:
+        return Linear(MapOptions(ridge=self.options.ridge)).fit(data)
+
+    def _uses_linear(self) -> bool:
+        """Returns whether the fit reads the closed-form linear map (its start, or linear_sgd's prior)."""
+        return self.options.start == "linear" or (self.name == "linear_sgd" and self.options.start != "scratch")
+
     def identity(self, data: FitData) -> str:
-        """Returns the content key of this map trained on ``data`` (architecture, size, training, pairs)."""
-        size = {} if self.name == "linear_sgd" else {**MAP_SIZES[self.options.size], "residual": self.options.residual}
-        return content_key({"map": self.name, "size": size, "train": asdict(self.options.train), "data": data.key,
-                            "dropout": DROPOUT})
+        """Returns the content key of this map trained on ``data`` (architecture, start, size, training, pairs)."""
+        size = {} if self.name == "linear_sgd" else MAP_SIZES[self.options.size]
+        start = {"start": self.options.start, **({"ridge": self.options.ridge} if self._uses_linear() else {})}
+        return content_key({"map": self.name, "size": size, **start, "train": asdict(self.options.train),
+                            "data": data.key, "dropout": DROPOUT})
 
     def fit(self, data: FitData, context: Context | None = None) -> "LearnedMapping":
         """Returns self, trained on ``data`` or loaded from the map cache.
@@ -182,7 +260,7 @@ class LearnedMapping(Mapping):
         final, partial = root / "maps" / f"{key}.pt", root / "maps" / f"{key}.partial.pt"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.options.train.seed, "init", key))
-            net = build_net(self.name, c, h * w, MAP_SIZES[self.options.size], self.options.residual)
+            net = build_net(self.name, c, h * w, MAP_SIZES[self.options.size], self.options.start)
         self.model = NormalizedMap(net, Normalizer(torch.zeros(c), torch.ones(c)))
 
         def load(path: Path) -> dict:
@@ -191,9 +269,18 @@ class LearnedMapping(Mapping):
             return saved
 
         def train() -> dict:
+            normalizer = Normalizer.fit(x_train)
+            penalty = None
+            if self._uses_linear():
+                linear = self._linear(data)
+                if isinstance(net, LinearStart):
+                    net.set_start(*normalised_affine(linear.weight, linear.bias, normalizer))
+                else:  # linear_sgd: the closed form's prior
+                    penalty = identity_prior(linear.alpha, c, self.options.train.mse_weight)
             model, history = train_map(net, (x_train, y_train), (x_val, y_val), self.options.train,
                                        resolve_device(self.options.device), checkpoint=partial,
-                                       progress=self.options.progress, desc=f"{self.name}", context=context)
+                                       progress=self.options.progress, desc=f"{self.name}", context=context,
+                                       normalizer=normalizer, penalty=penalty)
             return {"model": model.state_dict(), "history": {k: v for k, v in history.items() if k != "config"}}
 
         saved = strategy.cached(final, load, train, lambda f, value: torch.save(value, f))
@@ -216,7 +303,20 @@ class LearnedMapping(Mapping):
         return float(self.history["seconds"])
 
     def extra_metrics(self) -> dict[str, float]:
-        return {"epochs": self.history["epochs"], "best_val_loss": self.history["best_val_loss"]}
+        """Returns the fit's convergence: steps run, the kept weights' step, whether early stopping ended it (1) or
+        the cap (0), and the objective on the training and validation pairs at the kept weights."""
+        h = self.history
+        return {"steps": h["steps"], "best_step": h["best_step"], "stopped_early": float(h["stopped_early"]),
+                "train_loss": h["train_loss"], "best_val_loss": h["best_val_loss"]}
+
+
+def objective(mapping: Mapping, data: FitData, cfg: TrainConfig) -> dict[str, float]:
+    """Returns {"train_loss", "best_val_loss"}: the trained maps' objective (the reference loss, ``cfg``'s weights, on
+    features normalised by the training inputs' statistics) of a fitted ``mapping`` on ``data``'s training and
+    validation pairs: a closed-form map's numbers on the same scale as a trained map's own."""
+    train, val = data.tensors("train"), data.tensors("val")
+    losses = map_losses(mapping.predict, Normalizer.fit(train[0]), {"train": train, "val": val}, cfg)
+    return {"train_loss": losses["train"], "best_val_loss": losses["val"]}
 
 
 def _learned(name: str, per_position: bool, linear: bool = False) -> type[LearnedMapping]:

@@ -2,7 +2,7 @@
 
 The loop (``featmap.train.loop.fit``) asks its strategy at each point where processes differ: how to wrap the
 model, which share of a batch this process computes and how its loss is weighted, what to synchronise after an
-epoch, whose validation loss counts, who writes the checkpoint and what every process resumes from.
+round of steps, whose validation loss counts, who writes the checkpoint and what every process resumes from.
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ class Strategy:
         """Returns the loss of this process's share ``mine`` of ``batch`` as its gradients should count."""
         return loss
 
-    def end_epoch(self, net: nn.Module) -> None:
-        """Synchronises what the optimizer does not (buffers) after an epoch's steps."""
+    def end_round(self, net: nn.Module) -> None:
+        """Synchronises what the optimizer does not (buffers) after a round's steps, before validation."""
 
     def agree(self, value: T) -> T:
         """Returns the value every process uses (rank 0's) for ``value`` computed by each."""
@@ -74,7 +74,7 @@ class DataParallel(Strategy):
 
     Every rank holds all pairs and draws the same seeded batches; each computes its round-robin share of a batch,
     with its loss weighted by its share so that DDP's average over ranks is the whole batch's gradient. Batch-norm
-    buffers are rank 0's after every epoch (SyncBatchNorm on CUDA), rank 0's validation loss steers every rank,
+    buffers are rank 0's after every round (SyncBatchNorm on CUDA), rank 0's validation loss steers every rank,
     rank 0 reads and writes checkpoints and cache entries, and every rank resumes from what rank 0 read.
     """
 
@@ -104,7 +104,7 @@ class DataParallel(Strategy):
         # The loss is a mean over this rank's samples and DDP averages over ranks: weight by this rank's share.
         return loss * (len(mine) * self.world_size / len(batch))
 
-    def end_epoch(self, net: nn.Module) -> None:
+    def end_round(self, net: nn.Module) -> None:
         self.context.sync_buffers(net)
 
     def agree(self, value: T) -> T:

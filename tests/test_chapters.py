@@ -7,7 +7,7 @@ import papermill as pm
 import pytest
 import torch
 
-from featmap.core.table import COLUMNS, results_dir
+from featmap.core.table import COLUMNS, PROVENANCE_COLUMNS, results_dir
 from featmap.run.chapter import run_chapter
 from featmap.run.config import RunConfig
 
@@ -23,7 +23,7 @@ def small_config(photo_dir, **kw):
 def test_run_writes_the_contract_and_reruns_from_cache(photo_dir):
     result = run_chapter(small_config(photo_dir))
     table = pd.read_csv(results_dir() / "geometric.csv")
-    assert list(table.columns) == COLUMNS
+    assert list(table.columns) == COLUMNS + PROVENANCE_COLUMNS
     assert result.extracted == (len(result.split.train) * 2 + len(result.split.val) * 2 + len(result.split.test)) * 3
     assert set(table.family) == {"geometric", "photometric"}
     assert set(table[table.family == "photometric"].spatial) == {"none"}
@@ -107,19 +107,20 @@ def test_every_notebook_of_the_small_book_runs_to_the_end(small_book):
 def test_papermill_runs_a_family_chapter_on_a_few_photos(small_book, chapter):
     _ran(small_book, chapter)
     table = pd.read_csv(small_book.results / f"{chapter}.csv")
-    assert list(table.columns) == COLUMNS
+    assert list(table.columns) == COLUMNS + PROVENANCE_COLUMNS
     given = small_book.parameters[chapter]
     assert set(table.manipulation) == set(given["manipulations"]) and set(table.layer) == set(given["layers"])
     assert {"transformer_pe", "local_linear", "procrustes", "cnn"} <= set(table.mapping)
     assert {"ssim", "st_lpips", "cos_reextract_median", "ssim_vs_inv_target"} <= set(table.metric)
-    assert (table[table.metric == "epochs"].value <= given["max_epochs"]).all()
+    steps = table[table.metric == "steps"]
+    assert len(steps) and (steps.value <= given["max_steps"]).all()
 
 
 def test_papermill_runs_the_layers_chapter_with_its_control(small_book):
     _ran(small_book, "layers")
     table = pd.read_csv(small_book.results / "layers.csv")
     given = small_book.parameters["layers"]
-    assert list(table.columns) == COLUMNS
+    assert list(table.columns) == COLUMNS + PROVENANCE_COLUMNS
     assert list(dict.fromkeys(table.layer)) == given["layers"]
     assert set(table.manipulation) == set(given["manipulations"])
     assert set(table.backbone) == {"tf_efficientnet_lite0", "tf_efficientnet_lite0:random"}  # the control weights
@@ -132,7 +133,7 @@ def test_papermill_runs_the_backbones_chapter_on_both_networks(small_book):
 
     _ran(small_book, "backbones")
     table = pd.read_csv(small_book.results / "backbones.csv")
-    assert list(table.columns) == COLUMNS
+    assert list(table.columns) == COLUMNS + PROVENANCE_COLUMNS
     layers = table.groupby("backbone", sort=False)["layer"].unique().map(list).to_dict()
     expected = defaults("backbones")
     assert layers == {expected["backbone"]: expected["layers"], expected["second_backbone"]: expected["second_layers"]}

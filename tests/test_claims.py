@@ -6,6 +6,7 @@ import pandas as pd
 
 from featmap.core.table import COLUMNS, row
 from featmap.report import claims
+from featmap.report import verdicts as v
 from featmap.report.verdicts import FAILS, HOLDS, INCONCLUSIVE
 from featmap.run.chapter import gap_rows
 
@@ -15,6 +16,16 @@ def _row(family, manip, mapping, metric, value, ci=None, layer="blocks.6", backb
     base = {"family": family, "manipulation": manip, "backbone": backbone, "layer": layer, "mapping": mapping,
             "spatial": spatial}
     return row(base, metric, value, 10, ci or (value - 0.01, value + 0.01))
+
+
+def _converged(family, manip, maps=("transformer", "transformer_pe"), train_loss=0.29, stopped=1, **kw):
+    """Returns the convergence rows that make ``maps`` valid comparators (stopped early, a training loss below the
+    shared linear map's 0.30) unless told otherwise."""
+    rows = [_row(family, manip, "linear", "train_loss", 0.30, **kw)]
+    for name in maps:
+        rows += [_row(family, manip, name, "stopped_early", stopped, **kw),
+                 _row(family, manip, name, "train_loss", train_loss, **kw)]
+    return rows
 
 
 def _case(family, manip, identity, gain, ci, **kw):
@@ -56,12 +67,36 @@ def test_claim_two_is_non_inferiority_with_three_outcomes():
                              }.items():
         rows += [_row("photometric", manip, "linear", "cos_mean_gap_transformer", gap, ci),
                  _row("photometric", manip, "linear", "cos_mean_gap_transformer_pe", gap + 0.01,
-                      (ci[0] + 0.01, ci[1] + 0.01))]
+                      (ci[0] + 0.01, ci[1] + 0.01))] + _converged("photometric", manip)
     got = claims.claim_linear_close(pd.DataFrame(rows, columns=COLUMNS), {"cos_mean": 0.02})
     outcome = got.cases.set_index("manipulation")["outcome"]
     assert outcome.to_dict() == {"a": HOLDS, "b": FAILS, "c": INCONCLUSIVE}  # c is under-powered: not "close"
     assert set(got.cases["versus"]) == {"transformer"}  # the harder comparison decides
     assert got.verdict == INCONCLUSIVE  # 1 of 3 hold, 1 of 3 fail: no majority either way
+
+
+def test_a_global_map_that_has_not_learned_is_no_comparator():
+    """transformer fits its training pairs worse than the linear map (0.35 > 0.30 * 1.01): only transformer_pe is
+    compared; where transformer_pe also ran to its cap, the case gets no verdict and the note says why."""
+    rows = []
+    for manip in ("a", "b"):
+        rows += [_row("photometric", manip, "linear", "cos_mean_gap_transformer", -0.10, (-0.12, -0.08)),
+                 _row("photometric", manip, "linear", "cos_mean_gap_transformer_pe", -0.005, (-0.01, 0.0))]
+    rows += _converged("photometric", "a", ["transformer"], train_loss=0.35)
+    rows += [r for r in _converged("photometric", "a", ["transformer_pe"]) if r["mapping"] != "linear"]
+    rows += _converged("photometric", "b", ["transformer"], train_loss=0.35)
+    rows += [r for r in _converged("photometric", "b", ["transformer_pe"], stopped=0) if r["mapping"] != "linear"]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    valid = v.comparators(table).set_index(["manipulation", "versus"])
+    assert not valid.loc[("a", "transformer"), "valid"] and valid.loc[("a", "transformer_pe"), "valid"]
+    assert "worse than the shared linear map" in valid.loc[("a", "transformer"), "why"]
+    got = claims.claim_linear_close(table, {"cos_mean": 0.02})
+    by = got.cases.set_index("manipulation")
+    assert by.loc["a", "outcome"] == HOLDS and by.loc["a", "versus"] == "transformer_pe"
+    assert by.loc["b", "outcome"] == v.NO_VERDICT and "did not stop early" not in by.loc["b", "note"]
+    assert "ran to its step cap" in by.loc["b", "note"] and "worse than the shared linear map" in by.loc["b", "note"]
+    overall = got.counts.iloc[-1]
+    assert (overall["cases"], overall[v.NO_VERDICT], got.verdict) == (1, 1, HOLDS)
 
 
 def test_claims_without_rows_are_not_measured():
@@ -103,6 +138,7 @@ def test_the_judge_sanity_line_fails_a_blind_inverter_and_its_layer_gets_no_imag
     for layer in ("blocks.4", "blocks.6"):
         rows.append(_row("photometric", "grayscale", "linear", "ssim_gap_transformer", 0.0, (-0.005, 0.005),
                          layer=layer))
+        rows += _converged("photometric", "grayscale", ["transformer"], layer=layer)
     table = pd.DataFrame(rows, columns=COLUMNS)
     judge = claims.judge_sanity(table).set_index("layer")
     assert bool(judge.loc["blocks.4", "judge_ok"]) and not judge.loc["blocks.6", "judge_ok"]
@@ -120,6 +156,7 @@ def test_the_judge_decides_per_edit_an_edit_it_cannot_draw_gets_no_verdict_the_o
                  _row("photometric", manip, "target", "lpips", 0.08, layer="blocks.2"),
                  _row("photometric", manip, "unrelated", "lpips", 0.50, layer="blocks.2"),
                  _row("photometric", manip, "linear", "ssim_gap_transformer", 0.0, (-0.005, 0.005), layer="blocks.2")]
+        rows += _converged("photometric", manip, ["transformer"], layer="blocks.2")
     table = pd.DataFrame(rows, columns=COLUMNS)
     judge = claims.judge_sanity(table).set_index("manipulation")
     assert judge["judge_ok"].to_dict() == {"grayscale": True, "noise_40": False}
@@ -135,7 +172,8 @@ def test_image_space_claim_two_says_when_no_global_map_ran_where_the_judge_can_s
     the image metric gets no verdict, and the claim says why instead of dropping it silently."""
     rows = _judge_rows("blocks.2", 0.55, 0.08, 0.40) + [
         _row("photometric", "grayscale", "linear", "ssim", 0.8, layer="blocks.2"),
-        _row("photometric", "grayscale", "linear", "cos_mean_gap_transformer", -0.005, (-0.01, 0.0))]
+        _row("photometric", "grayscale", "linear", "cos_mean_gap_transformer", -0.005, (-0.01, 0.0))] \
+        + _converged("photometric", "grayscale", ["transformer"])
     got = claims.claim_linear_close(pd.DataFrame(rows, columns=COLUMNS), {"cos_mean": 0.02, "ssim": 0.02})
     assert list(got.cases["metric"]) == ["cos_mean"] and got.verdict == HOLDS
     assert "ssim: no verdict (no global map was scored in image space at blocks.2" in got.measured

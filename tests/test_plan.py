@@ -28,8 +28,8 @@ def test_the_default_geometric_chapter_plan():
         geometric = cell.manipulation.grid_op is not None
         if cell.layer != "blocks.6":  # trained maps run at the last layer only
             assert maps == CLOSED
-        elif geometric and cell.spatial == "none":  # the raw grid: per-position maps only (the geometry floor)
-            assert maps == PER_POSITION
+        elif geometric and cell.spatial == "none":  # the raw grid: closed-form per-position maps (the floor)
+            assert maps == CLOSED
         else:
             assert maps == ALL
         assert cell.comparable == (cell.spatial == ("applied" if geometric else "none"))
@@ -45,6 +45,20 @@ def test_a_learned_spatial_mode_runs_only_maps_that_mix_positions():
     config = RunConfig(chapter="geometric", manipulations=["mirror_h"], spatial=["learned"], layers=["blocks.6"])
     (cell,) = Plan.build(config, [get_manipulation("mirror_h")], config.layers).cells
     assert {m.name for m in cell.mappings} == {"cnn", "transformer", "transformer_pe"} and not cell.comparable
+
+
+def test_control_edits_add_the_raw_grid_for_the_global_maps_of_those_edits_only():
+    names = ["rotation_90", "mirror_h", "grayscale"]
+    config = RunConfig(chapter="geometric", manipulations=names, layers=["blocks.6"], control_edits=["rotation_90"])
+    plan = Plan.build(config, [get_manipulation(n) for n in names], config.layers)
+    cells = {(c.manipulation.name, c.spatial): {m.name for m in c.mappings} for c in plan.cells}
+    assert cells[("rotation_90", "learned")] == {"transformer", "transformer_pe"}
+    assert ("mirror_h", "learned") not in cells and set(cells) == {
+        ("rotation_90", "none"), ("rotation_90", "applied"), ("rotation_90", "learned"), ("mirror_h", "none"),
+        ("mirror_h", "applied"), ("grayscale", "none")}
+    for bad in (["grayscale"], ["rotation_180"]):  # not geometric; not among the manipulations
+        with pytest.raises(ValueError, match="control_edits"):
+            RunConfig(chapter="geometric", manipulations=names, layers=["blocks.6"], control_edits=bad)
 
 
 @pytest.fixture(scope="module")

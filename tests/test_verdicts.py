@@ -163,15 +163,15 @@ def test_linear_close_is_a_non_inferiority_test():
         _row("hue_shift_60", "linear", "top1_agree_gap_transformer", -0.01, (-0.03, 0.01)),
         # hardest = lower ci_low, not lower point gap
         _row("hue_shift_60", "linear", "top1_agree_gap_transformer_pe", -0.02, (-0.025, -0.015)),
-        _row("hue_shift_60", "transformer", "epochs", 40), _row("hue_shift_60", "transformer", "best_val_loss", 0.3),
+        _row("hue_shift_60", "transformer", "steps", 240), _row("hue_shift_60", "transformer", "train_loss", 0.3),
     ]
     cases = _by(v.claim_linear_close(_table(rows), "top1_agree", tolerance=0.05).cases)
     assert cases.loc["grayscale", "outcome"] == INCONCLUSIVE and cases.loc["grayscale", "versus"] == "transformer"
     assert cases.loc["noise_40", "outcome"] == FAILS
     assert cases.loc["hue_shift_60", "outcome"] == HOLDS and cases.loc["hue_shift_60", "versus"] == "transformer"
     assert cases.loc["hue_shift_60", "compared"] == "transformer,transformer_pe"
-    assert cases.loc["hue_shift_60", "transformer_epochs"] == 40
-    assert cases.loc["hue_shift_60", "transformer_best_val_loss"] == pytest.approx(0.3)
+    assert cases.loc["hue_shift_60", "transformer_steps"] == 240
+    assert cases.loc["hue_shift_60", "transformer_train_loss"] == pytest.approx(0.3)
     # lower is better: st_lpips linear - global = +0.2 means linear is worse
     lp = v.claim_linear_close(_table([_row("grayscale", "linear", "st_lpips_gap_transformer", 0.2, (0.15, 0.25))]),
                               "st_lpips", tolerance=0.05).cases.iloc[0]

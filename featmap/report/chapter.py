@@ -50,6 +50,7 @@ def findings_lines(table: pd.DataFrame, min_effect_share: float = 0.1, tolerance
         gap = c2.cases["gap"]
         lines.append(f"Against the harder of the two transformer maps (non-inferiority, tolerance {tolerance:g}): "
                      f"{_count(c2)}; the paired gap ranges from {gap.min():+.3f} to {gap.max():+.3f}.")
+    lines += convergence_lines(table)
     agree = table[(table["metric"] == "top1_agree") & table["mapping"].isin(["identity", "linear"])]
     agree = comparable_rows(agree)
     if agree.empty and len(table):
@@ -66,6 +67,89 @@ def findings_lines(table: pd.DataFrame, min_effect_share: float = 0.1, tolerance
                 f"it sees none of {r.cases} edits")
         lines.append(f"Image-space judge at {r.layer}: {sees}" + (
             f"; no image-space verdict for the edits it cannot draw recognisably: {r.blind}." if r.blind else "."))
+    return lines
+
+
+TRAINED_FACTS = ("steps", "best_step", "stopped_early", "train_loss", "best_val_loss")
+CLOSE_TO_CLOSED_FORM = 0.02  # linear_sgd counts as reaching the closed form within this share of its validation loss
+
+
+def convergence(table: pd.DataFrame) -> pd.DataFrame:
+    """Returns one row per trained fit (case and map) with its convergence rows (steps, best_step, stopped_early,
+    train_loss, best_val_loss) and the closed-form linear map's training and validation loss on the same objective
+    and pairs beside (``linear_train_loss``, ``linear_val_loss``)."""
+    facts = table[table["metric"].isin(TRAINED_FACTS)]
+    if facts.empty:
+        return pd.DataFrame(columns=["backbone", "layer", "manipulation", "spatial", "mapping", *TRAINED_FACTS,
+                                     "linear_train_loss", "linear_val_loss"])
+    key = ["backbone", "layer", "manipulation", "spatial"]
+    wide = facts.pivot_table(index=key + ["mapping"], columns="metric", values="value", aggfunc="first",
+                             sort=False).reset_index()
+    linear = wide[wide["mapping"] == "linear"].set_index(key)
+    trained = wide[wide["mapping"] != "linear"].copy()
+    for col in TRAINED_FACTS:
+        if col not in trained:
+            trained[col] = np.nan
+    for col, new in (("train_loss", "linear_train_loss"), ("best_val_loss", "linear_val_loss")):
+        got = linear[col] if col in linear else pd.Series(dtype=float)
+        trained[new] = [got.get(k, np.nan) for k in trained[key].itertuples(index=False, name=None)]
+    return trained[key + ["mapping", *TRAINED_FACTS, "linear_train_loss", "linear_val_loss"]].reset_index(drop=True)
+
+
+def converged_only(table: pd.DataFrame) -> pd.DataFrame:
+    """Returns ``table`` without the scores of trained fits that ran to their step cap (``stopped_early`` 0): a
+    table beside the closed-form maps shows only trained maps that have converged."""
+    stopped = table[table["metric"] == "stopped_early"]
+    capped = stopped.loc[stopped["value"] < 1, ["backbone", "layer", "manipulation", "spatial", "mapping"]]
+    if capped.empty:
+        return table
+    drop = set(capped.itertuples(index=False, name=None))
+    keys = table[["backbone", "layer", "manipulation", "spatial", "mapping"]].itertuples(index=False, name=None)
+    return table[[k not in drop for k in keys]]
+
+
+def convergence_lines(table: pd.DataFrame) -> list[str]:
+    """Returns the key findings on the trained maps' convergence, computed from ``table``: how many fits stopped
+    early, which global maps count as comparators, how often the linear start was kept, linear_sgd against the
+    closed form, and the positive control on the raw grid."""
+    from featmap.report import verdicts as v
+
+    fits = convergence(table)
+    if fits.empty:
+        return []
+    lines = []
+    per_map = fits.groupby("mapping", sort=False)["stopped_early"].agg(lambda s: f"{int((s == 1).sum())}/{len(s)}")
+    lines.append(f"Trained maps stopped early (the validation loss stopped improving before the step cap) in "
+                 f"{int((fits['stopped_early'] == 1).sum())} of {len(fits)} fits: "
+                 + ", ".join(f"{m} {n}" for m, n in per_map.items()) + ".")
+    valid = v.comparators(comparable_rows(table))
+    if len(valid):
+        cases = valid.groupby(v.KEY)["valid"].any()
+        kept = fits[fits["mapping"].isin(v.GLOBAL_MAPS) & (fits["best_step"] == 0)]
+        started = fits[fits["mapping"].isin(v.GLOBAL_MAPS)]
+        lines.append(f"Global maps valid as comparators (stopped early, training loss at most "
+                     f"{v.MAX_TRAIN_EXCESS:.0%} above the shared linear map's) in {int(cases.sum())} of {len(cases)} "
+                     f"cases; {len(kept)} of {len(started)} global fits kept their starting point (best step 0: "
+                     "nothing beyond the shared linear map generalised to the validation photos).")
+    sgd = fits[(fits["mapping"] == "linear_sgd") & fits["linear_val_loss"].notna()]
+    if len(sgd):
+        ratio = sgd["best_val_loss"] / sgd["linear_val_loss"] - 1
+        done = sgd["stopped_early"] == 1
+        close = int((done & (ratio <= CLOSE_TO_CLOSED_FORM)).sum())
+        lines.append(f"linear_sgd (the shared linear map by gradient descent, with the closed form's prior) stopped "
+                     f"early in {int(done.sum())} of {len(sgd)} cases; its validation loss is within "
+                     f"{CLOSE_TO_CLOSED_FORM:.0%} of the closed form's in {close} (median {ratio.median():+.1%}).")
+    control = table[(table["spatial"] == "learned") & (table["mapping"] == "linear")
+                    & table["metric"].isin([f"cos_mean_gap_{g}" for g in v.GLOBAL_MAPS])]
+    if len(control):
+        best = control.assign(gain=-control["value"], low=-control["ci_high"]).sort_values("gain").drop_duplicates(
+            ["layer", "manipulation"], keep="last")
+        lines.append("Positive control, on the raw grid where the content moves (no grid rotation or flip first): "
+                     "the better global map against the shared linear map, test cos_mean "
+                     + "; ".join(f"{r.manipulation} {r.metric.removeprefix('cos_mean_gap_')} {r.gain:+.3f} "
+                                 f"[{r.low:+.3f}, {-r.ci_low:+.3f}]" for r in best.itertuples())
+                     + (" (the global maps follow what a shared linear map cannot)." if (best["low"] > 0).all()
+                        else " (where the interval reaches 0, the global map has not learned the move)."))
     return lines
 
 
@@ -122,8 +206,10 @@ def plot_maps(table: pd.DataFrame, metric: str = "cos_mean", maps: tuple[str, ..
 
 def wide(table: pd.DataFrame, metric: str, comparable: bool = True) -> pd.DataFrame:
     """Returns ``metric`` as a table with rows (layer, manipulation) and one column per map (comparable mode, or
-    the raw grid of geometric edits with ``comparable=False``), without an index column."""
-    data = table[table["metric"] == metric]
+    the raw grid of geometric edits with ``comparable=False``), without an index column; a trained map's cell is
+    empty where its training ran to the step cap (``converged_only``)."""
+    data = converged_only(table[table["metric"].isin([metric, "stopped_early"])])
+    data = data[data["metric"] == metric]
     data = comparable_rows(data) if comparable else data[(data["family"] == "geometric") & (data["spatial"] == "none")]
     if data.empty:
         return pd.DataFrame()
@@ -173,12 +259,15 @@ def image_table(table: pd.DataFrame) -> pd.DataFrame:
     return out[[c for c in IMAGE_COLUMNS if c in out.columns]].reset_index()
 
 
-FIT_FACTS = ("n_train_positions", "ridge_alpha", "alpha_at_edge", "epochs", "best_val_loss")
+FIT_FACTS = ("n_train_positions", "ridge_alpha", "alpha_at_edge", "steps", "best_step", "stopped_early", "train_loss",
+             "best_val_loss")
 
 
 def fit_facts(table: pd.DataFrame) -> pd.DataFrame:
     """Returns per (layer, edit, spatial mode, map) the facts of each fit: training positions, the ridge strength
-    chosen on validation photos and whether it sits at the grid's edge, epochs run and best validation loss."""
+    chosen on validation photos and whether it sits at the grid's edge; for trained maps the steps run, the kept
+    weights' step, whether early stopping ended the training (1) or the cap (0), and the training and validation
+    loss at the kept weights (the closed-form linear map's on the same objective beside)."""
     data = table[table["metric"].isin(FIT_FACTS) & ~table["mapping"].isin(["identity", "target", "unrelated"])]
     if data.empty:
         return pd.DataFrame()

@@ -64,9 +64,11 @@ def read_all(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def _counts_text(counts: pd.DataFrame) -> str:
     parts = []
     for r in counts.to_dict("records"):
-        if r["cases"]:
+        apart = r.get(v.NO_VERDICT, 0)
+        if r["cases"] or apart:
             parts.append(f"{r['family']}: {r[v.HOLDS]} of {r['cases']} hold, {r[v.FAILS]} do not, "
-                         f"{r[v.INCONCLUSIVE]} inconclusive ({r['verdict']})")
+                         f"{r[v.INCONCLUSIVE]} inconclusive" + (f", {apart} without a valid comparator" if apart
+                                                                 else "") + f" ({r['verdict']})")
     return "; ".join(parts)
 
 
@@ -98,6 +100,7 @@ def claim_linear_close(families: pd.DataFrame, tolerances: dict[str, float]) -> 
     holds when more than half of its cases hold (``count_outcomes(rule="most")``). The claim's verdict is the
     weakest over the metrics measured."""
     cases, controls, counts, parts = [], [], [], []
+    valid = v.comparators(families)
     judge = judge_sanity(families)
     seen = {(r.backbone, r.layer, r.manipulation) for r in judge.itertuples() if r.judge_ok}
     for metric, tolerance in tolerances.items():
@@ -110,7 +113,7 @@ def claim_linear_close(families: pd.DataFrame, tolerances: dict[str, float]) -> 
             if len(blind):
                 where = ", ".join(f"{r.manipulation} at {r.layer}" for r in blind.itertuples())
                 parts.append(f"{metric}: no verdict for {where} (the image-space judge cannot see there)")
-        split = v.claim_linear_close(data, metric, tolerance)
+        split = v.claim_linear_close(data, metric, tolerance, valid=valid)
         if split.cases.empty:
             if metric in IMAGE_METRICS and seen:
                 parts.append(f"{metric}: no verdict (no global map was scored in image space at "
@@ -167,7 +170,8 @@ def claim_depth(families: pd.DataFrame, layer_order: list[str] | None = None, mi
     """Returns claim 3b, "linear sufficiency grows with depth": per case with global maps at three or more
     layers, whether the linear-minus-best-global gap rises from the shallowest to the deepest layer
     (``verdicts.depth_gap_trend``: a conservative three-outcome rule); ``misaligned`` stages are left out."""
-    trend = v.depth_gap_trend(families, layer_order=layer_order, misaligned=misaligned)
+    trend = v.depth_gap_trend(families, layer_order=layer_order, misaligned=misaligned,
+                              valid=v.comparators(families))
     if trend.trend.empty:
         return Claim("3b", NOT_MEASURED, "no case with global maps at three or more layers")
     counts = v.count_outcomes(trend.trend, rule="most")

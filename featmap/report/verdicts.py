@@ -30,6 +30,8 @@ HOLDS = "holds"
 FAILS = "does not hold"
 INCONCLUSIVE = "inconclusive"
 OUTCOMES = (HOLDS, FAILS, INCONCLUSIVE)
+# A case the rule cannot be applied to (say, no valid comparator): counted and named apart, never in a verdict.
+NO_VERDICT = "no verdict"
 
 KEY = ["family", "manipulation", "backbone", "layer", "spatial"]
 # Edits whose target depends on a random partner photo: not a function of the original, so negative controls
@@ -269,13 +271,78 @@ def _best_on_validation(data: pd.DataFrame, table: pd.DataFrame, validation: pd.
     return best
 
 
+# -- comparators: a global map counts only when it has learned -----------------------------------------------
+
+COMPARATOR_COLUMNS = KEY + ["versus", "steps", "best_step", "stopped_early", "train_loss", "linear_train_loss",
+                            "valid", "why"]
+MAX_TRAIN_EXCESS = 0.01  # a comparator's training loss may exceed the shared linear map's by at most this share
+
+
+def comparators(table: pd.DataFrame, global_maps: Iterable[str] = GLOBAL_MAPS, mapping: str = "linear",
+                max_train_excess: float = MAX_TRAIN_EXCESS) -> pd.DataFrame:
+    """Returns per case ``KEY`` and global map whether the global map counts as a comparator for ``mapping``.
+
+    A global map is a comparator when it has learned: its training stopped early (``stopped_early`` row 1: the
+    validation loss stopped improving before the step cap) and it fits its own training pairs at least as well as
+    the shared linear map (its ``train_loss`` row at most (1 + ``max_train_excess``) times ``mapping``'s
+    ``train_loss`` row of the same case: the same objective on the same pairs). ``why`` gives the reasons it does
+    not count (a missing row is a reason). One row per (case, global map) that has any row in the case.
+    """
+    global_maps = tuple(global_maps)
+    facts = table[table["metric"].isin(["steps", "best_step", "stopped_early", "train_loss"])
+                  & table["mapping"].isin(global_maps + (mapping,))]
+    if facts.empty:
+        return pd.DataFrame(columns=COMPARATOR_COLUMNS)
+    wide = facts.pivot_table(index=KEY + ["mapping"], columns="metric", values="value", aggfunc="first")
+    wide = wide.reindex(columns=["steps", "best_step", "stopped_early", "train_loss"])
+    linear = wide.xs(mapping, level="mapping")["train_loss"] if mapping in wide.index.get_level_values("mapping") \
+        else pd.Series(dtype=float)
+    present = set(table.loc[table["mapping"].isin(global_maps), KEY + ["mapping"]].itertuples(index=False, name=None))
+    rows = []
+    for key in sorted(present, key=lambda k: tuple(map(str, k))):
+        *case, name = key
+        got = wide.loc[key] if key in wide.index else pd.Series(np.nan, index=wide.columns)
+        lin = float(linear.get(tuple(case), np.nan))
+        why = []
+        if not got["stopped_early"] == 1:
+            why.append("it did not stop early (no stopped_early row)" if np.isnan(got["stopped_early"]) else
+                       f"it ran to its step cap ({got['steps']:.0f} steps) without its validation loss settling")
+        if np.isnan(got["train_loss"]) or np.isnan(lin):
+            why.append("no train_loss row for it or for the shared linear map")
+        elif got["train_loss"] > lin * (1 + max_train_excess):
+            why.append(f"it fits its training pairs worse than the shared linear map (training loss "
+                       f"{got['train_loss']:.4f} against {lin:.4f})")
+        rows.append(dict(zip(KEY, case), versus=name, steps=got["steps"], best_step=got["best_step"],
+                         stopped_early=got["stopped_early"], train_loss=got["train_loss"], linear_train_loss=lin,
+                         valid=not why, why="; ".join(why)))
+    return pd.DataFrame(rows, columns=COMPARATOR_COLUMNS)
+
+
+def _valid_gaps(gaps: pd.DataFrame, valid: pd.DataFrame | None) -> pd.DataFrame:
+    """Returns the gap rows whose global map (column ``versus``) is a valid comparator of the case (all without
+    ``valid``)."""
+    if valid is None:
+        return gaps
+    ok = set(valid.loc[valid["valid"].astype(bool), KEY + ["versus"]].itertuples(index=False, name=None))
+    keep = [tuple(r) in ok for r in gaps[KEY + ["versus"]].itertuples(index=False, name=None)]
+    return gaps[keep]
+
+
+def _no_comparator_note(valid: pd.DataFrame, case: tuple) -> str:
+    mine = valid[(valid[KEY].apply(tuple, axis=1) == case)] if len(valid) else valid
+    if mine.empty:
+        return "no global map ran"
+    return "no valid comparator: " + "; ".join(f"{r.versus}: {r.why}" for r in mine.itertuples())
+
+
 # -- claim 2: the shared linear map is close to the best global map ----------------------------------------
 
 def claim_linear_close(table: pd.DataFrame, metric: str = "cos_mean", tolerance: float = 0.02,
                        global_maps: Iterable[str] = GLOBAL_MAPS, mapping: str = "linear",
                        higher_is_better: bool | None = None, controls: Iterable[str] = CONTROLS,
                        keep: Callable[[pd.DataFrame], pd.DataFrame] | None = comparable,
-                       budget_metrics: Iterable[str] = ("epochs", "best_val_loss")) -> Split:
+                       budget_metrics: Iterable[str] = ("steps", "best_step", "stopped_early", "train_loss"),
+                       valid: pd.DataFrame | None = None) -> Split:
     """Returns (cases, controls): per case, whether ``mapping`` is non-inferior to the hardest global map.
 
     Reads rows ``<metric>_gap_<global>`` of ``mapping`` (value = mean over test photos of linear minus global,
@@ -283,27 +350,35 @@ def claim_linear_close(table: pd.DataFrame, metric: str = "cos_mean", tolerance:
     comparison per case ``KEY`` is the global map whose gap has the lower ci_low (a gap without an interval
     counts as lowest, so it decides: inconclusive). Outcome = ``non_inferiority(ci_low, ci_high, tolerance)``:
     close (holds) when ci_low > -tolerance, not close when ci_high < -tolerance, else inconclusive.
-    ``compared`` lists the global maps with gap rows. Each global map's training budget is printed beside:
-    columns ``<global>_<budget metric>`` from its rows ``epochs`` / ``best_val_loss`` of the same case.
-    Partner-based edits go to ``controls``.
+    ``compared`` lists the global maps with gap rows. Each global map's convergence is printed beside: columns
+    ``<global>_<budget metric>`` from its rows ``steps`` / ``best_step`` / ``stopped_early`` / ``train_loss`` of the
+    same case. ``valid`` (``comparators(table)``): only valid comparators are compared; a case without one is
+    ``NO_VERDICT``, its ``note`` saying why. Partner-based edits go to ``controls``.
     """
     global_maps = tuple(global_maps)
     sign = _sign(metric, higher_is_better)
     data = _filtered(table, keep)
     names = {f"{metric}_gap_{g}": g for g in global_maps}
     budget_cols = [f"{g}_{b}" for g in global_maps for b in budget_metrics]
-    columns = KEY + ["metric", "versus", "gap", "ci_low", "ci_high", "n", "tolerance", "outcome", "compared"] \
-        + budget_cols
+    columns = KEY + ["metric", "versus", "gap", "ci_low", "ci_high", "n", "tolerance", "outcome", "compared",
+                     "note"] + budget_cols
     gaps = data[data["metric"].isin(list(names)) & (data["mapping"] == mapping)].copy()
     if gaps.empty:
         return Split(pd.DataFrame(columns=columns), pd.DataFrame(columns=columns))
     gaps = _oriented_gaps(gaps, names, mapping, sign)
-    ordered = gaps.sort_values(KEY + ["_rank", "versus"], na_position="first")
-    hardest = ordered.drop_duplicates(KEY).set_index(KEY)
+    every_case = gaps.drop_duplicates(KEY).set_index(KEY).index
+    usable = _valid_gaps(gaps, valid)
+    ordered = usable.sort_values(KEY + ["_rank", "versus"], na_position="first")
+    hardest = ordered.drop_duplicates(KEY).set_index(KEY).reindex(every_case)
     out = hardest[["versus", "gap", "ci_low", "ci_high", "n"]].copy()
     out["metric"], out["tolerance"] = metric, tolerance
     out["outcome"] = non_inferiority(out["ci_low"], out["ci_high"], tolerance)
-    out["compared"] = gaps.groupby(KEY)["versus"].agg(lambda v: ",".join(sorted(v))).reindex(out.index)
+    out["compared"] = usable.groupby(KEY)["versus"].agg(lambda v: ",".join(sorted(v))).reindex(out.index)
+    out["note"] = ""
+    missing = out["versus"].isna()
+    out.loc[missing, "outcome"] = NO_VERDICT
+    if missing.any():
+        out.loc[missing, "note"] = [_no_comparator_note(valid, k) for k in out.index[missing]]
     for g in global_maps:
         rows = data[data["mapping"] == g]
         for b in budget_metrics:
@@ -337,19 +412,23 @@ def count_outcomes(cases: pd.DataFrame, column: str = "outcome", by: str = "fami
     are inconclusive (default 0: every case holds); else inconclusive. ``rule="most"`` (a claim about what
     happens "typically"): holds when more than half of the cases hold; does not hold when at least half do
     not; else inconclusive. A group without cases is inconclusive. ``overall`` pools every case.
+    Cases marked ``NO_VERDICT`` (the rule could not be applied) are counted in their own column and left out of
+    ``cases`` and the verdict; a group of such cases alone has the verdict ``NO_VERDICT``.
     """
     if rule not in ("all", "most"):
         raise ValueError(f"rule must be 'all' or 'most', got {rule!r}")
-    unknown = set(cases[column]) - set(OUTCOMES) if len(cases) else set()
+    unknown = set(cases[column]) - set(OUTCOMES) - {NO_VERDICT} if len(cases) else set()
     if unknown:
         raise ValueError(f"column {column!r} holds {sorted(map(str, unknown))}, not outcomes {OUTCOMES}")
     groups = list(cases.groupby(by, sort=False)) if len(cases) else []
     rows = []
     for name, part in groups + [("overall", cases)]:
         counts = {o: int((part[column] == o).sum()) if len(part) else 0 for o in OUTCOMES}
-        rows.append({by: name, "cases": len(part), **counts,
-                     "verdict": _verdict(counts, rule, max_inconclusive_share)})
-    return pd.DataFrame(rows, columns=[by, "cases", *OUTCOMES, "verdict"])
+        apart = int((part[column] == NO_VERDICT).sum()) if len(part) else 0
+        decided = sum(counts.values())
+        verdict = NO_VERDICT if apart and not decided else _verdict(counts, rule, max_inconclusive_share)
+        rows.append({by: name, "cases": decided, **counts, NO_VERDICT: apart, "verdict": verdict})
+    return pd.DataFrame(rows, columns=[by, "cases", *OUTCOMES, NO_VERDICT, "verdict"])
 
 
 # -- claim 3: what the linear maps look like, layer by layer -------------------------------------------------
@@ -440,7 +519,8 @@ def depth_gap_trend(table: pd.DataFrame, metric: str = "cos_mean", global_maps: 
                     mapping: str = "linear", layer_order: Iterable[str] | None = None, min_layers: int = 3,
                     min_increase: float = 0.0, misaligned: Iterable = (), higher_is_better: bool | None = None,
                     controls: Iterable[str] = CONTROLS,
-                    keep: Callable[[pd.DataFrame], pd.DataFrame] | None = comparable) -> Trend:
+                    keep: Callable[[pd.DataFrame], pd.DataFrame] | None = comparable,
+                    valid: pd.DataFrame | None = None) -> Trend:
     """Returns (per_layer, trend): the linear-minus-best-global gap per layer, and per case whether "linear
     sufficiency grows with depth" (the gap rises from the shallowest to the deepest layer).
 
@@ -459,6 +539,8 @@ def depth_gap_trend(table: pd.DataFrame, metric: str = "cos_mean", global_maps: 
     the deep interval lies entirely below the shallow one); else inconclusive. A holds is downgraded to
     inconclusive when some deeper layer's interval lies entirely below a shallower layer's (a significant
     reversal: the rise is not monotone). Fewer than ``min_layers`` layers: inconclusive.
+    ``valid`` (``comparators(table)``): only valid comparators are compared; a case with fewer than ``min_layers``
+    layers that have one is ``NO_VERDICT``, its ``note`` naming the layers without one and why.
     """
     global_maps = tuple(global_maps)
     sign = _sign(metric, higher_is_better)
@@ -476,15 +558,23 @@ def depth_gap_trend(table: pd.DataFrame, metric: str = "cos_mean", global_maps: 
     if gaps.empty:
         return Trend(pd.DataFrame(columns=per_cols), pd.DataFrame(columns=trend_cols))
     gaps = _oriented_gaps(gaps, names, mapping, sign)
+    layers_of = gaps.groupby(case, sort=False)["layer"].agg(lambda s: list(dict.fromkeys(s)))
+    gaps = _valid_gaps(gaps, valid)
     per = gaps.sort_values(KEY + ["_rank", "versus"]).drop_duplicates(KEY).copy()
     per["depth"] = per["layer"].map({name: i for i, name in enumerate(order)})
     per = per.sort_values(case + ["depth"])[per_cols].reset_index(drop=True)
     rows = []
-    for k, d in per.groupby(case, sort=False):
+    for k, all_layers in layers_of.items():
+        d = per[(per[case].apply(tuple, axis=1) == tuple(k))] if len(per) else per
         d = d.sort_values("depth")
         row = dict(zip(case, k), layers=",".join(d["layer"]), n_layers=len(d), note="")
         if len(d) < min_layers:
-            rows.append({**row, "outcome": INCONCLUSIVE, "note": f"{len(d)} layers, fewer than {min_layers}"})
+            lacking = [layer for layer in all_layers if layer not in set(d["layer"])]
+            if valid is not None and lacking and len(all_layers) >= min_layers:
+                why = "; ".join(f"{layer}: " + _no_comparator_note(valid, (*k[:3], layer, k[3])) for layer in lacking)
+                rows.append({**row, "outcome": NO_VERDICT, "note": why})
+            else:
+                rows.append({**row, "outcome": INCONCLUSIVE, "note": f"{len(d)} layers, fewer than {min_layers}"})
             continue
         s, e = d.iloc[0], d.iloc[-1]
         lo, hi = d["ci_low"].to_numpy(), d["ci_high"].to_numpy()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -21,6 +21,7 @@ from featmap.features.backbone import Backbone, classifier_tail
 from featmap.features.store import FeatureCache, FeatureStore
 from featmap.maps.base import GLOBAL_MAPS, MapOptions, Mapping
 from featmap.maps.data import PairData
+from featmap.maps.learned import objective
 from featmap.maps.stats import positions
 from featmap.run.config import RunConfig
 from featmap.run.plan import Cell, Plan
@@ -56,9 +57,11 @@ class RunResult:
 def map_options(config: RunConfig, progress: bool = True) -> MapOptions:
     """Returns the mapping options of a chapter run (one place: trained maps are cached under keys built from
     them, so a distributed run and a chapter run must agree)."""
-    return MapOptions(ridge=config.ridge, size=config.map_size, residual=config.residual, device=config.device,
+    return MapOptions(ridge=config.ridge, size=config.map_size, start=config.start, device=config.device,
                       cache_dir=config.cache_dir, progress=progress,
-                      train=TrainConfig(lr=config.lr, batch_size=config.train_batch, max_epochs=config.max_epochs,
+                      train=TrainConfig(lr=config.lr, batch_size=config.train_batch, max_steps=config.max_steps,
+                                        patience=config.patience, eval_every=config.eval_every,
+                                        plateau_steps=config.plateau_steps, max_epochs=config.max_epochs,
                                         seed=config.seed))
 
 
@@ -284,8 +287,13 @@ def _target_scores(config: RunConfig, group: CellScorer, semantics: bool, n_exam
     return {"rows": rows, "arrays": arrays}
 
 
+def _beside_trained(cell: Cell) -> bool:
+    """Returns whether trained maps run in ``cell`` (the closed-form linear map's objective is then recorded)."""
+    return any(m.learned for m in cell.mappings)
+
+
 def _map_scores(config: RunConfig, group: CellScorer, cell: Cell, mapping: Mapping, data: PairData,
-                n_fit: int, n_examples: int, timings: dict) -> dict:
+                n_fit: int, n_examples: int, timings: dict, train_cfg: TrainConfig) -> dict:
     """Fits ``mapping`` on ``data`` and returns its rows, per-sample scores (``score/<metric>``) and, where the
     cell scores it in image space, its reconstructions (``image``)."""
     t0 = time.perf_counter()
@@ -324,14 +332,19 @@ def _map_scores(config: RunConfig, group: CellScorer, cell: Cell, mapping: Mappi
     if mapping.name == "linear":
         rows += [row(b, metric, value, len(group.test))
                  for metric, value in linear_geometry(mapping.weight, mapping.bias, positions(x_in)).items()]
+        if _beside_trained(cell):  # the trained maps' objective, to read their convergence against
+            rows += [row(b, metric, value, n_fit) for metric, value in objective(mapping, data, train_cfg).items()]
     return {"rows": rows, "arrays": {**arrays, **{f"score/{k}": np.asarray(v) for k, v in scores.items()}}}
 
 
-def _map_identity(mapping: Mapping, data: PairData) -> dict:
-    """Returns what a map's fit depends on: its name and options, and the training pairs' content."""
+def _map_identity(mapping: Mapping, data: PairData, cell: Cell) -> dict:
+    """Returns what a map's fit and rows depend on: its name and options, and the training pairs' content (and,
+    for the closed-form linear map beside trained maps, the objective its training and validation loss use)."""
     if mapping.learned:
         return {"map": mapping.identity(data)}
-    return {"map": mapping.name, "ridge": mapping.options.ridge, "data": data.key}
+    objective = ({"objective": asdict(mapping.options.train)} if mapping.name == "linear" and _beside_trained(cell)
+                 else {})
+    return {"map": mapping.name, "ridge": mapping.options.ridge, "data": data.key, **objective}
 
 
 def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inverter] | None = None,
@@ -380,11 +393,11 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
             per_sample: dict[str, dict[str, np.ndarray]] = {}
             for cls in cell.mappings:
                 mapping = cls(options)
-                key = ident and {**ident, **_map_identity(mapping, data), "spatial": cell.spatial,
+                key = ident and {**ident, **_map_identity(mapping, data, cell), "spatial": cell.spatial,
                                  "semantics": cell.semantics, "images": mapping.name in cell.images,
                                  "examples": n_examples}
                 got = cache.get_or_compute(key, lambda: _map_scores(config, group, cell, mapping, data, n_fit,
-                                                                    n_examples, timings))
+                                                                    n_examples, timings, options.train))
                 rows += got["rows"]
                 per_sample[mapping.name] = {k.removeprefix("score/"): v for k, v in got["arrays"].items()
                                             if k.startswith("score/")}
@@ -393,6 +406,10 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
                     label = mapping.name if cell.spatial == "none" else f"{mapping.name} ({cell.spatial})"
                     reconstructions[manip.name, layer][label] = got["arrays"]["image"]
                 bar.update(1)
+            linear_raw = per_photo.get((manip.name, layer, "none", "linear"))
+            if cell.spatial == "learned" and linear_raw is not None and "linear" not in per_sample:
+                # the positive control: global maps on the raw grid against the shared linear map there, per photo
+                per_sample = {"linear": linear_raw, **per_sample}
             rows += gap_rows(base, per_sample, config.bootstrap, config.seed)
     bar.close()
     timings["scores_cached"], timings["scores_computed"] = cache.hits, cache.computed

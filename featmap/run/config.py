@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from featmap.core.registry import UnknownNameError
 from featmap.edits.editors import EDITORS
 from featmap.edits.manipulations import FAMILIES, MANIPULATIONS
-from featmap.maps.base import MAP_SIZES, MAPPINGS
+from featmap.maps.base import MAP_SIZES, MAPPINGS, START_POINTS
 from featmap.score.inversion import PRECISIONS
 
 SPATIAL_MODES = ("none", "applied", "learned")
@@ -83,17 +83,28 @@ DOCS = {
     "image_size": "square side in pixels (None: the model's own input size)",
     "mappings": "registry names",
     "spatial": "geometric edits: raw grid for per-position maps (none), grid rotation/flip first (applied); "
-               "add learned to let maps that mix positions learn the permutation (about 3 more minutes here)",
+               "add learned to let every map that mixes positions learn the permutation",
+    "control_edits": "geometric edits whose raw grid the global maps learn too (spatial learned): the positive "
+                     "control, where a shared linear map cannot follow the moved content and a global map with "
+                     "positions can",
     "ridge": "linear and local_linear: relative ridge strength that shrinks W toward the identity, or auto (chosen on "
              "validation photos)",
     "semantic_layers": "layers whose predicted maps go through the classifier tail: first, last, all, or a list",
     "learned_layers": "layers where the trained maps (linear_sgd, mlp, cnn, transformer*) run: first, last, all, or "
                       "a list",
     "map_size": "trained maps: small (fits the CPU budget) or reference (width 512, 4 layers, 8 heads, ffn 1024)",
-    "max_epochs": "trained maps: epoch cap (the CPU budget), with early stopping (patience 6). The reference: 100",
+    "start": "trained non-linear maps start at: linear (the closed-form shared linear map plus a correction that "
+             "starts at zero), identity (x + f(x)), scratch (the reference's plain maps, random initialisation)",
+    "max_steps": "trained maps: cap in optimizer steps; training normally ends by early stopping first. The "
+                 "reference: 11900 (100 epochs of 7,600 pairs)",
+    "patience": "trained maps: stop when the validation loss has not improved by 0.1% for this many steps. The "
+                "reference: 714 (6 epochs)",
+    "eval_every": "trained maps: steps between two readings of the validation loss. The reference: 119 (an epoch)",
+    "plateau_steps": "trained maps: halve the learning rate after this many steps without a better validation loss. "
+                     "The reference: 952 (8 epochs)",
+    "max_epochs": "trained maps: an extra cap in passes over the training pairs (None: max_steps alone)",
     "lr": "trained maps: AdamW learning rate. The reference: 1e-4",
     "train_batch": "trained maps: pairs per step. The reference: 32 x 2 accumulated",
-    "residual": "trained non-linear maps predict x + f(x), starting at the identity; False: the reference's maps",
     "test_fraction": "share of photos held out for testing (split by source photo)",
     "val_fraction": "share of training photos held out to choose the ridge strength",
     "train_views": "views per training photo: the centre crop plus seeded random resized crops and flips",
@@ -133,14 +144,19 @@ class RunConfig:
     image_size: int | None = None
     mappings: list[str] = field(default_factory=lambda: list(ALL_MAPPINGS))
     spatial: list[str] = field(default_factory=lambda: ["none", "applied"])
+    control_edits: list[str] = field(default_factory=list)
     ridge: float | str = "auto"
     learned_layers: str | list[str] = "last"
     semantic_layers: str | list[str] = "last"
     map_size: str = "small"
-    max_epochs: int = 10
+    start: str = "linear"
+    max_steps: int = 3000
+    patience: int = 100
+    eval_every: int = 10
+    plateau_steps: int = 50
+    max_epochs: int | None = None
     lr: float = 1e-3
     train_batch: int = 64
-    residual: bool = True
     test_fraction: float = 0.2
     val_fraction: float = 0.2
     train_views: int = 2
@@ -193,11 +209,20 @@ class RunConfig:
         for mode in self.spatial:
             if mode not in SPATIAL_MODES:
                 raise ValueError(f"unknown spatial mode {mode!r}; known: {', '.join(SPATIAL_MODES)}")
+        if not isinstance(self.control_edits, (list, tuple)) or not all(isinstance(n, str) for n in self.control_edits):
+            raise TypeError(f"control_edits must be a list of geometric edit names (maybe empty), e.g. -y "
+                            f"'control_edits: [rotation_90]'; got {self.control_edits!r}")
+        self.control_edits = list(self.control_edits)
+        for name in self.control_edits:
+            if name not in self.manipulations or self.is_editor(name) or name in manifest_names \
+                    or MANIPULATIONS.get(name).grid_op is None:
+                raise ValueError(f"control_edits: {name!r} must be a geometric edit among manipulations "
+                                 f"{self.manipulations} (one that moves content: a rotation or a mirror)")
         for name in ("backbone", "weights", "images", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TypeError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         check_layer_order(self.backbone, self.layers)
-        for name in ("skip_bad_images", "residual"):
+        for name in ("skip_bad_images",):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.image_layers == "none":
@@ -226,7 +251,13 @@ class RunConfig:
                 setattr(self, name, value)
         if self.map_size not in MAP_SIZES:
             raise ValueError(f"unknown map_size {self.map_size!r}; known: {', '.join(MAP_SIZES)}")
-        self.max_epochs = _check_number("max_epochs", self.max_epochs, int, 1, 100000)
+        if self.start not in START_POINTS:
+            raise ValueError(f"start must be one of {', '.join(START_POINTS)}, got {self.start!r}")
+        self.max_steps = _check_number("max_steps", self.max_steps, int, 0, 10_000_000)
+        self.eval_every = _check_number("eval_every", self.eval_every, int, 1, 10_000_000)
+        self.patience = _check_number("patience", self.patience, int, self.eval_every, 10_000_000)
+        self.plateau_steps = _check_number("plateau_steps", self.plateau_steps, int, self.eval_every, 10_000_000)
+        self.max_epochs = _check_number("max_epochs", self.max_epochs, int, 1, 100000, allow_none=True)
         self.lr = _check_number("lr", self.lr, float, 1e-8, 1.0)
         self.train_batch = _check_number("train_batch", self.train_batch, int, 2, 65536)
         if self.ridge != "auto":

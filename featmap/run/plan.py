@@ -8,25 +8,33 @@ from dataclasses import dataclass
 from featmap.core.table import comparable_spatial
 from featmap.edits.editors import SplitEdit
 from featmap.edits.manipulations import Manipulation
-from featmap.maps.base import MAPPINGS, Mapping
+from featmap.maps.base import GLOBAL_MAPS, MAPPINGS, Mapping
 from featmap.run.config import RunConfig
 
 
-def spatial_modes(manipulation: Manipulation | SplitEdit, configured: list[str]) -> list[str]:
-    """Returns the spatial modes a manipulation runs in: the configured ones for geometric edits, ``none`` else."""
-    return list(configured) if manipulation.grid_op is not None else ["none"]
+def spatial_modes(manipulation: Manipulation | SplitEdit, configured: list[str],
+                  controls: tuple[str, ...] = ()) -> list[str]:
+    """Returns the spatial modes a manipulation runs in: the configured ones for geometric edits (and ``learned``
+    for those named in ``controls``), ``none`` else."""
+    if manipulation.grid_op is None:
+        return ["none"]
+    extra = ["learned"] if manipulation.name in controls and "learned" not in configured else []
+    return list(configured) + extra
 
 
 def applies(mapping: type[Mapping], manipulation: Manipulation | SplitEdit, spatial: str) -> bool:
     """Returns whether ``mapping`` runs in this spatial mode.
 
-    Geometric edits: ``applied`` runs every map after the grid rotation/flip; on the raw grid, maps that act on
-    each position alone run as ``none`` (they cannot move content: the floor for geometry) and maps that mix
-    positions run as ``learned`` (they may learn the permutation). Other edits: ``none``.
+    Geometric edits: ``applied`` runs every map after the grid rotation/flip; on the raw grid, the closed-form maps
+    that act on each position alone run as ``none`` (they cannot move content: the floor for geometry; a trained
+    per-position map would only cost its training there) and maps that mix positions run as ``learned`` (they may
+    learn the permutation). Other edits: ``none``.
     """
     if manipulation.grid_op is None or spatial == "applied":
         return True
-    return mapping.per_position == (spatial == "none")
+    if spatial == "none":
+        return mapping.per_position and not mapping.learned
+    return not mapping.per_position
 
 
 @dataclass(frozen=True)
@@ -68,9 +76,11 @@ class Plan:
         cells = []
         for manip in manipulations:
             for layer in layers:
-                for spatial in spatial_modes(manip, config.spatial):
+                for spatial in spatial_modes(manip, config.spatial, tuple(config.control_edits)):
                     maps = tuple(c for c in classes if applies(c, manip, spatial)
                                  and (not c.learned or config.trains_on(layer)))
+                    if spatial == "learned" and "learned" not in config.spatial:  # the positive control only
+                        maps = tuple(c for c in maps if c.name in GLOBAL_MAPS)
                     cell = Cell(manip, layer, spatial, maps, semantics and config.scores_semantics_on(layer), ())
                     if layer in image_layers and cell.comparable:
                         cell = Cell(manip, layer, spatial, maps, cell.semantics,

@@ -14,7 +14,8 @@ from featmap.run.config import DOCS, INVERTER_MANIPULATIONS, RunConfig
 
 LINE = 120  # the longest line of a parameters cell
 COMMON = ["backbone", "weights", "layers", "images", "skip_bad_images", "max_images", "image_size", "mappings",
-          "ridge", "semantic_layers", "learned_layers", "map_size", "max_epochs", "lr", "train_batch", "residual",
+          "ridge", "semantic_layers", "learned_layers", "map_size", "start", "max_steps", "patience", "eval_every",
+          "plateau_steps", "max_epochs", "lr", "train_batch",
           "test_fraction", "val_fraction", "train_views", "seed", "batch_size", "device", "threads", "bootstrap",
           "cache_dir", "image_layers", "image_mappings", "image_photos", "inverter_size", "inverter_epochs",
           "inverter_precision", "inverter_manipulations"]
@@ -34,7 +35,8 @@ GEOMETRIC = ["rotation_90", "rotation_180", "rotation_270", "mirror_h", "mirror_
              "grayscale"]
 MASKS = ["mask_top_left_square", "mask_bottom_right_square", "mask_big_square_center", "mask_small_square_center"]
 PRESETS = {
-    "geometric": Preset(["manipulations", *COMMON[:8], "spatial", *COMMON[8:]], {"manipulations": GEOMETRIC}),
+    "geometric": Preset(["manipulations", *COMMON[:8], "spatial", "control_edits", *COMMON[8:]],
+                        {"manipulations": GEOMETRIC, "control_edits": ["rotation_90", "mirror_v"]}),
     "masking": Preset(["manipulations", *COMMON], {"manipulations": MASKS}),
     "semantic": Preset(
         ["manipulations", "editor_params", "edit_manifest", *COMMON],
@@ -60,7 +62,8 @@ PRESETS = {
               "train_views": "views per training photo (1: the centre crop only)"}),
     "backbones": Preset(
         ["manipulations", "backbone", "layers", "images", "max_images", "mappings", "learned_layers", "map_size",
-         "max_epochs", "train_views", "seed", "batch_size", "device", "threads", "bootstrap", "cache_dir"],
+         "start", "max_steps", "patience", "eval_every", "plateau_steps", "max_epochs", "train_views", "seed",
+         "batch_size", "device", "threads", "bootstrap", "cache_dir"],
         {"manipulations": ["rotation_90", "mirror_h", "grayscale", "hue_shift_60", "mask_big_square_center"],
          "max_images": 48, "train_views": 1, "learned_layers": "all", "image_layers": [], "bootstrap": 500,
          "mappings": ["identity", "additive", "linear", "transformer"]},

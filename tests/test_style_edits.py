@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from featmap.core.registry import UnknownNameError
 from featmap.data.images import ImageSet, Photo, View, load_rgb
 from featmap.edits import style as st
 from featmap.edits import style_networks as sn
@@ -231,10 +230,10 @@ def test_cache_key_follows_style_strength_scope_and_picture(tmp_path):
 # -- names, parameters, bad input --------------------------------------------------------------------
 
 def test_names_resolve_to_their_style_and_strength():
-    names = set(EDITORS.names())
     for prefix in ("style", "object_style"):
-        assert {prefix, f"{prefix}_0", f"{prefix}_25", f"{prefix}_25_75", f"{prefix}_3_50"} <= names
-        assert f"{prefix}_26" not in names and not is_control(f"{prefix}_3")
+        assert all(EDITORS.has(f"{prefix}{s}") for s in ("", "_0", "_25", "_25_75", "_3_50", "_3_5"))
+        assert not EDITORS.has(f"{prefix}_x") and not is_control(f"{prefix}_3")
+        assert f"{prefix}_<index 0-25>" in EDITORS.names()  # the form is listed, not 26 x 101 names
     half = get_editor("style_3_50")
     assert (half.name, half.params) == ("style_3_50", {"network": "multistyle26", "style": 3, "strength": 0.5})
     blend = get_editor("object_style", style={"3": 1, 12: 3}, strength=0.2, margin=0.2)
@@ -243,8 +242,10 @@ def test_names_resolve_to_their_style_and_strength():
                             "mask_margin": 0.2, "mask_iterations": 5}
     picture = get_editor("style", style=PICTURE)
     assert picture.params["network"] == "arbitrary" and picture.picture.photo_id == PICTURE
-    with pytest.raises(UnknownNameError, match="style_3"):
+    with pytest.raises(ValueError, match="index must be an integer in 0-25"):
         get_editor("style_26")
+    with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\]"):
+        get_editor("style_3_150")
     with pytest.raises(TypeError, match="style_7_50"):
         get_editor("style_7_50", strength=0.3)  # the name fixes it
     with pytest.raises(TypeError, match="margin"):

@@ -35,6 +35,10 @@ class Registry(Generic[T]):
         """Returns the exact names, then the parameterised forms (e.g. ``noise_<sigma>``)."""
         return sorted(self._exact) + [shown for _, shown, _ in self._patterns]
 
+    def has(self, name: str) -> bool:
+        """Returns whether ``name`` is registered, exactly or by a pattern."""
+        return isinstance(name, str) and (name in self._exact or any(p.match(name) for p, _, _ in self._patterns))
+
     def get(self, name: str) -> T:
         """Returns a new object for ``name``; an unknown name raises with the known names listed."""
         if not isinstance(name, str):

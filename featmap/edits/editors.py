@@ -25,7 +25,7 @@ from featmap.edits.semantic import (
     paste,
     recolour,
 )
-from featmap.edits.style import SCOPES, STRENGTH_PERCENTS, style_editor
+from featmap.edits.style import SCOPES, style_editor
 from featmap.edits.style_networks import NUM_STYLES
 
 
@@ -199,16 +199,16 @@ for _kind in ("instruct_pix2pix", "qwen_image_edit", "inpaint"):
     EDITORS.add(_kind, lambda k=_kind: _generative(k))
 for _scope, _prefix in SCOPES.items():  # style, style_<index>, style_<index>_<percent>, and their object_ forms
     EDITORS.add(_prefix, lambda s=_scope: style_editor(s))
-    for _index in range(NUM_STYLES):
-        EDITORS.add(f"{_prefix}_{_index}", lambda s=_scope, i=_index: style_editor(s, i))
-        for _percent in STRENGTH_PERCENTS:
-            EDITORS.add(f"{_prefix}_{_index}_{_percent}", lambda s=_scope, i=_index, p=_percent: style_editor(s, i, p))
+    EDITORS.add_pattern(_prefix + r"_(\d+)", f"{_prefix}_<index 0-{NUM_STYLES - 1}>",
+                        lambda i, s=_scope: style_editor(s, int(i)))
+    EDITORS.add_pattern(_prefix + r"_(\d+)_(\d+)", f"{_prefix}_<index>_<strength percent>",
+                        lambda i, p, s=_scope: style_editor(s, int(i), int(p)))
 
 
 def is_control(name: str) -> bool:
     """Returns whether ``name`` is an editor whose target depends on another photo (``control = True``: a
     negative control, never a case). False for every other name, manipulations and manifest edits included."""
-    if not isinstance(name, str) or name not in EDITORS.names():
+    if not EDITORS.has(name):
         return False
     factory = EDITORS.get(name)
     return bool(getattr(getattr(factory, "func", factory), "control", False))

@@ -4,7 +4,7 @@ Names, in the grammar of ``object_recolor`` / ``object_recolor_<colour>``:
 
 - ``style_<index>`` (index 0-25): the whole photo repainted in one of the 26 learned styles of the multi-style network;
   ``strength`` in [0, 1] through ``editor_params`` (default 1).
-- ``style_<index>_<percent>`` (percent 25, 50 or 75): the same at that strength, fixed by the name, so that one run can
+- ``style_<index>_<percent>`` (percent 0-100): the same at that strength, fixed by the name, so that one run can
   hold one style at several strengths (``editor_params`` is keyed by name).
 - ``style``: any style through ``editor_params``: ``style`` is an index, a blend ``{index: weight, ...}`` (weights >= 0,
   not all zero, normalised to sum 1, as the wheel does), or a picture (a file path, or the id of a photo of the
@@ -57,7 +57,6 @@ from featmap.edits.style_networks import (
     weights_identity,
 )
 
-STRENGTH_PERCENTS = (25, 50, 75)
 SCOPES = {"photo": "style", "object": "object_style"}  # scope -> name prefix
 
 

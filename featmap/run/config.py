@@ -298,7 +298,7 @@ class RunConfig:
     @staticmethod
     def is_editor(name: str) -> bool:
         """Returns whether ``name`` is a registered semantic editor (not a manipulation)."""
-        return name in EDITORS.names()
+        return EDITORS.has(name)
 
     def manifest_edit_names(self) -> list[str]:
         """Returns the edit names of ``edit_manifest`` (empty without one); reading it checks every path."""

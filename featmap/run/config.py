@@ -155,11 +155,11 @@ class RunConfig:
     eval_every: int = 10
     plateau_steps: int = 50
     max_epochs: int | None = None
-    lr: float = 1e-3
-    train_batch: int = 64
+    lr: float = 2e-3
+    train_batch: int = 32
     test_fraction: float = 0.2
     val_fraction: float = 0.2
-    train_views: int = 2
+    train_views: int = 4
     seed: int = 0
     batch_size: int = 32
     device: str = "auto"

@@ -41,7 +41,8 @@ PRESETS = {
     "semantic": Preset(
         ["manipulations", "editor_params", "edit_manifest", *COMMON],
         {"manipulations": ["object_recolor", "object_recolor_red", "object_gray", "object_blur", "object_remove",
-                           "background_swap", "object_paste"], "train_views": 1},
+                           "style_5", "style_11", "object_style_5", "object_style_11", "background_swap",
+                           "object_paste"], "train_views": 1},
         docs={"manipulations": "editor names (featmap.edits.editors.EDITORS.names()), manifest edit names, or "
                                "manipulations; background_swap and object_paste borrow another photo: controls",
               "train_views": "views per training photo (1 here: each semantic edit costs an object mask and an edit "
@@ -61,17 +62,21 @@ PRESETS = {
                             "budget (None: all)",
               "train_views": "views per training photo (1: the centre crop only)"}),
     "backbones": Preset(
-        ["manipulations", "backbone", "layers", "images", "max_images", "mappings", "learned_layers", "map_size",
-         "start", "max_steps", "patience", "eval_every", "plateau_steps", "max_epochs", "train_views", "seed",
-         "batch_size", "device", "threads", "bootstrap", "cache_dir"],
+        ["manipulations", "backbone", "layers", "images", "max_images", "test_fraction", "val_fraction", "mappings",
+         "learned_layers", "map_size", "start", "max_steps", "patience", "eval_every", "plateau_steps", "max_epochs",
+         "lr", "train_batch", "train_views", "seed", "batch_size", "device", "threads", "bootstrap", "cache_dir"],
         {"manipulations": ["rotation_90", "mirror_h", "grayscale", "hue_shift_60", "mask_big_square_center"],
-         "max_images": 48, "train_views": 1, "learned_layers": "all", "image_layers": [], "bootstrap": 500,
-         "mappings": ["identity", "additive", "linear", "transformer"]},
+         "max_images": 100, "test_fraction": 0.4, "train_views": 1, "learned_layers": "all", "image_layers": [],
+         "bootstrap": 500, "train_batch": 8, "mappings": ["identity", "additive", "linear", "transformer"]},
         extra={"second_backbone": ("dinov2_small", "the transformer: DINOv2 ViT-S/14 (offline weights; no classifier "
                                                    "head)"),
                "second_layers": (["blocks.3", "blocks.7", "blocks.11"], "its layers at the same relative depths "
                                                                         "(early, middle, late)")},
         docs={"max_images": "a seeded subset of the photos: the transformer extracts about 5 images/s on 2 cores",
+              "test_fraction": "share of photos held out for testing: 40 of 100, so each verdict rests on 40 test "
+                               "photos",
+              "train_batch": "trained maps: pairs per step (8: a step at Lite0 blocks.2 holds 6,272 tokens of "
+                             "attention)",
               "mappings": "registry names (the global transformer map is the comparison the depth trend needs)",
               "learned_layers": "trained maps at every layer: the gap to the global map by depth needs three"}),
     "summary": Preset([], extra={

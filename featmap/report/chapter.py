@@ -10,29 +10,34 @@ import pandas as pd
 from IPython.display import HTML
 
 from featmap.core.table import comparable_rows
+from featmap.maps.base import GLOBAL_MAPS
 from featmap.report import claims
+from featmap.report.geometry import RANDOM_SUFFIX, geometry_table
+from featmap.report.judge import judge_by_layer, judge_sanity
 from featmap.report.plots import MAP_COLOURS
-from featmap.report.verdicts import FAILS, HOLDS, INCONCLUSIVE
+from featmap.report.rules import KEY
+from featmap.report.verdicts import MAX_TRAIN_EXCESS, comparators
 
 # The maps of a chapter's main figure: at most eight series (the rest are in the folded tables).
 MAIN_MAPS = ("identity", "additive", "linear", "local_linear", "mlp", "cnn", "transformer", "transformer_pe")
 
 
-def _count(c: claims.Claim) -> str:
-    if not len(c.counts):
-        return "not measured"
-    o = c.counts.iloc[-1]
-    return f"{o[HOLDS]} of {o['cases']} cases hold, {o[FAILS]} do not, {o[INCONCLUSIVE]} are inconclusive"
+def _claim_line(c: claims.Claim, what: str) -> str:
+    return f"{what}: **{c.verdict}** ({c.counted()}" + (f", {claims.photos_text(c.photos)} per case" if c.photos
+                                                       else "") + ")."
 
 
-def findings_lines(table: pd.DataFrame, min_effect_share: float = 0.1, tolerance: float = 0.02) -> list[str]:
-    """Returns the chapter's key findings as short sentences, each computed from ``table`` (a chapter's results)."""
+def findings_lines(table: pd.DataFrame, min_effect_share: float = 0.1) -> list[str]:
+    """Returns the chapter's key findings as short sentences, each computed from ``table`` (a chapter's results):
+    the study's claims on this chapter's edits alone (the summary pools the chapters), convergence, semantic
+    consistency and the image-space judge."""
     lines = []
-    c1 = claims.claim_learnable(table, "cos_mean", min_effect_share)
+    c1 = claims.claim_feasible(table, min_effect_share)
     if len(c1.counts):
-        lines.append(f"The shared linear map beats the identity floor photo by photo, by at least "
-                     f"{min_effect_share:.0%} of identity's headroom (cos_mean): {_count(c1)}.")
-        best = c1.cases["best_map_val"].dropna()
+        lines.append(_claim_line(c1, f"A map can be learned (the best map chosen on validation photos beats the "
+                                     f"no-learning floor by at least {min_effect_share:.0%} of its headroom, on the "
+                                     "changed region of local edits)"))
+        best = c1.cases["chosen"].dropna()
         if len(best):
             top = best.value_counts()
             lines.append(f"Chosen on validation photos, the best map is {top.index[0]} in {top.iloc[0]} of "
@@ -40,16 +45,14 @@ def findings_lines(table: pd.DataFrame, min_effect_share: float = 0.1, tolerance
                          + ".")
     if len(c1.controls):
         lines.append(f"Controls (edits that borrow another photo, not learnable by construction): "
-                     f"{', '.join(sorted(set(c1.controls['outcome'])))} for the linear map.")
-    local = table[table["family"].isin(["masking", "semantic"])]
-    changed = claims.claim_learnable(local, "cos_changed_mean", min_effect_share) if len(local) else None
-    if changed is not None and len(changed.counts):
-        lines.append(f"On the positions the edit changed only (cos_changed_mean): {_count(changed)}.")
-    c2 = claims.claim_linear_close(table, {"cos_mean": tolerance})
+                     f"{', '.join(sorted(set(c1.controls['outcome'])))}.")
+    c2 = claims.claim_close(table)
     if len(c2.counts):
-        gap = c2.cases["gap"]
-        lines.append(f"Against the harder of the two transformer maps (non-inferiority, tolerance {tolerance:g}): "
-                     f"{_count(c2)}; the paired gap ranges from {gap.min():+.3f} to {gap.max():+.3f}.")
+        lines.append(_claim_line(c2, "The shared linear map is close to the global map that has learned "
+                                     "(reconstruction: non-inferiority within 0.02)"))
+    sem = claims.claim_semantic(table)
+    if len(sem.counts):
+        lines.append(_claim_line(sem, "Semantic consistency, linear against global (JSD within 0.02 bits)"))
     lines += convergence_lines(table)
     agree = table[(table["metric"] == "top1_agree") & table["mapping"].isin(["identity", "linear"])]
     agree = comparable_rows(agree)
@@ -61,7 +64,7 @@ def findings_lines(table: pd.DataFrame, min_effect_share: float = 0.1, tolerance
         lines.append(f"Through the classifier tail, the linear map's prediction keeps the true manipulated map's top-1 "
                      f"class for {m.get('linear', np.nan):.0%} of test photos on average (identity: "
                      f"{m.get('identity', np.nan):.0%}).")
-    for r in claims.judge_by_layer(table).itertuples():
+    for r in judge_by_layer(table).itertuples():
         sees = (f"it sees {r.seen} of {r.cases} edits (re-extraction cosine {r.target_cos_reextract_median:.2f}, "
                 f"LPIPS {r.target_lpips:.2f} against {r.unrelated_lpips:.2f} for an unrelated photo)" if r.seen else
                 f"it sees none of {r.cases} edits")
@@ -112,8 +115,6 @@ def convergence_lines(table: pd.DataFrame) -> list[str]:
     """Returns the key findings on the trained maps' convergence, computed from ``table``: how many fits stopped
     early, which global maps count as comparators, how often the linear start was kept, linear_sgd against the
     closed form, and the positive control on the raw grid."""
-    from featmap.report import verdicts as v
-
     fits = convergence(table)
     if fits.empty:
         return []
@@ -122,13 +123,13 @@ def convergence_lines(table: pd.DataFrame) -> list[str]:
     lines.append(f"Trained maps stopped early (the validation loss stopped improving before the step cap) in "
                  f"{int((fits['stopped_early'] == 1).sum())} of {len(fits)} fits: "
                  + ", ".join(f"{m} {n}" for m, n in per_map.items()) + ".")
-    valid = v.comparators(comparable_rows(table))
+    valid = comparators(comparable_rows(table))
     if len(valid):
-        cases = valid.groupby(v.KEY)["valid"].any()
-        kept = fits[fits["mapping"].isin(v.GLOBAL_MAPS) & (fits["best_step"] == 0)]
-        started = fits[fits["mapping"].isin(v.GLOBAL_MAPS)]
+        cases = valid.groupby(KEY)["valid"].any()
+        kept = fits[fits["mapping"].isin(GLOBAL_MAPS) & (fits["best_step"] == 0)]
+        started = fits[fits["mapping"].isin(GLOBAL_MAPS)]
         lines.append(f"Global maps valid as comparators (stopped early, training loss at most "
-                     f"{v.MAX_TRAIN_EXCESS:.0%} above the shared linear map's) in {int(cases.sum())} of {len(cases)} "
+                     f"{MAX_TRAIN_EXCESS:.0%} above the shared linear map's) in {int(cases.sum())} of {len(cases)} "
                      f"cases; {len(kept)} of {len(started)} global fits kept their starting point (best step 0: "
                      "nothing beyond the shared linear map generalised to the validation photos).")
     sgd = fits[(fits["mapping"] == "linear_sgd") & fits["linear_val_loss"].notna()]
@@ -140,7 +141,7 @@ def convergence_lines(table: pd.DataFrame) -> list[str]:
                      f"early in {int(done.sum())} of {len(sgd)} cases; its validation loss is within "
                      f"{CLOSE_TO_CLOSED_FORM:.0%} of the closed form's in {close} (median {ratio.median():+.1%}).")
     control = table[(table["spatial"] == "learned") & (table["mapping"] == "linear")
-                    & table["metric"].isin([f"cos_mean_gap_{g}" for g in v.GLOBAL_MAPS])]
+                    & table["metric"].isin([f"cos_mean_gap_{g}" for g in GLOBAL_MAPS])]
     if len(control):
         best = control.assign(gain=-control["value"], low=-control["ci_high"]).sort_values("gain").drop_duplicates(
             ["layer", "manipulation"], keep="last")
@@ -238,9 +239,9 @@ def run_summary(result) -> str:
 
 
 def judge(table: pd.DataFrame) -> pd.DataFrame:
-    """Returns the image-space judge's sanity line per edit and layer (``claims.judge_sanity``) as a page shows it:
+    """Returns the image-space judge's sanity line per edit and layer (``judge.judge_sanity``) as a page shows it:
     short column names, the backbone column only when there is more than one."""
-    out = claims.judge_sanity(table).rename(columns={
+    out = judge_sanity(table).rename(columns={
         "manipulation": "edit", "target_cos_reextract_median": "re-extraction", "target_lpips": "LPIPS, true map",
         "unrelated_lpips": "LPIPS, unrelated photo", "judge_ok": "sees"})
     return out.drop(columns="backbone") if out["backbone"].nunique() <= 1 else out
@@ -279,19 +280,71 @@ def fit_facts(table: pd.DataFrame) -> pd.DataFrame:
 GEOMETRY = ("delta_bias_share", "delta_wx_share", "delta_erank_frac")
 
 
-def geometry_by_family(table: pd.DataFrame, others: tuple[str, ...] = ("geometric", "masking")) -> pd.DataFrame:
-    """Returns the shared linear maps' geometry per (layer, family): the median over each family's edits of the
-    predicted change's bias and weight shares and of erank(W - I) / C, from ``table`` and the results tables of
-    the ``others`` chapters where they exist (comparable spatial mode)."""
-    from featmap.core.table import read_results, results_dir
-
-    tables = [table] + [read_results(c) for c in others if (results_dir() / f"{c}.csv").is_file()]
-    data = comparable_rows(pd.concat(tables, ignore_index=True))
+def family_geometry(families: pd.DataFrame) -> pd.DataFrame:
+    """Returns the shared linear maps' geometry per (backbone, layer, family) of pooled family rows (one group of
+    ``claims.read_book``): the median over each family's edits of the predicted change's bias and weight shares and
+    of erank(W - I) / C (comparable spatial mode)."""
+    data = comparable_rows(families)
     data = data[(data["mapping"] == "linear") & data["metric"].isin(GEOMETRY)]
     if data.empty:
         return pd.DataFrame()
-    return data.pivot_table(index=["layer", "family"], columns="metric", values="value", aggfunc="median",
+    return data.pivot_table(index=["backbone", "layer", "family"], columns="metric", values="value", aggfunc="median",
                             sort=False).reset_index()
+
+
+def paper_quotes(found: list[claims.Claim]) -> str:
+    """Returns the paper's own sentence for each claim, quoted apart and labelled as the paper's (markdown)."""
+    return "\n\n".join(f"> **The paper, claim {c.claim}:** \"{claims.STATEMENTS[c.claim]}\"" for c in found)
+
+
+def notes_text(book: claims.Book) -> str:
+    """Returns what the summary did not pool and why (markdown), with the verdicts of the groups kept apart, or a
+    line saying every table belongs together."""
+    if not book.notes:
+        return f"Every results table was produced by the same backbone, weights and photo set ({book.group})."
+    lines = [f"- {n}" for n in book.notes]
+    apart = claims.apart_verdicts(book)
+    for r in apart.to_dict("records"):
+        lines.append(f"- decided apart, {r['tables']} ({r['produced by']}): claim 1 {r['claim 1']}; claim 2 "
+                     f"{r['claim 2']}")
+    return "\n".join(lines)
+
+
+def feasibility_cases(c: claims.Claim) -> pd.DataFrame:
+    """Returns claim 1's cases as a page shows them: the floor, the map chosen on validation photos and its paired
+    gain, the pre-specified linear map's gain and outcome, the photos needed where undecided, why a case is apart."""
+    if c.cases.empty:
+        return pd.DataFrame()
+    cols = ["family", "manipulation", "layer", "metric", "floor", "chosen", "gain", "gain_low", "gain_high",
+            "min_effect", "outcome", "linear_gain", "linear_outcome", "photos_needed", "note"]
+    return c.cases[[k for k in cols if k in c.cases]].rename(columns={"manipulation": "edit"})
+
+
+def closeness_cases(c: claims.Claim) -> pd.DataFrame:
+    """Returns the cases of claim 2 or semantic consistency as a page shows them: the metric, the global map
+    compared, the paired gap and its interval, the outcome, the photos needed where undecided, why a case is apart."""
+    if c.cases.empty:
+        return pd.DataFrame()
+    cols = ["family", "manipulation", "layer", "metric", "versus", "gap", "ci_low", "ci_high", "n", "outcome",
+            "photos_needed", "note"]
+    return c.cases[[k for k in cols if k in c.cases]].rename(columns={"manipulation": "edit"})
+
+
+def depth_cases(c: claims.Claim) -> pd.DataFrame:
+    """Returns claim 3b's cases: per edit and backbone the gap at the shallowest and deepest layer, the range of
+    their difference, the outcome and the photos needed where undecided."""
+    cols = ["family", "manipulation", "backbone", "layers", "gap_shallow", "gap_deep", "diff", "diff_low",
+            "diff_high", "outcome", "photos_needed", "note"]
+    return c.cases[[k for k in cols if k in c.cases]].rename(columns={"manipulation": "edit"})
+
+
+def geometry_medians(c: claims.Claim) -> pd.DataFrame:
+    """Returns claim 3's medians per (family, layer) of the bias share, the effective rank of W - I and its noise
+    floor, at the ridge strength chosen on validation photos."""
+    geo = c.cases
+    show = geo[(geo["alpha_setting"] == "auto") & geo["metric"].isin(["delta_bias_share", "delta_erank_frac",
+                                                                       "delta_erank_floor_frac"])]
+    return show.pivot_table(index=["family", "layer"], columns="metric", values="median", sort=False).reset_index()
 
 
 def edits_used(manipulations) -> pd.DataFrame:
@@ -311,17 +364,15 @@ def layer_findings_lines(table: pd.DataFrame) -> list[str]:
     """Returns the layers chapter's key findings, computed from its table: the linear maps beat identity by
     depth, the bias part of the predicted change, delta erank against its noise floor, the random-weights
     control, alphas at the grid's edge, and where the grid operation does not line up with the features."""
-    from featmap.report import verdicts as v
-
     lines = []
-    trained = table[~table["backbone"].str.endswith(v.RANDOM_SUFFIX)]
+    trained = table[~table["backbone"].str.endswith(RANDOM_SUFFIX)]
     cos = comparable_rows(trained[trained["metric"] == "cos_mean"]).pivot_table(
         index=["layer", "manipulation"], columns="mapping", values="value", sort=False)
     if {"linear", "identity"} <= set(cos.columns):
         gain = (cos["linear"] - cos["identity"]).groupby(level="layer", sort=False).mean()
         lines.append("The shared linear map's test cos_mean gain over identity, mean over edits, by layer: "
                      + ", ".join(f"{layer} {g:+.3f}" for layer, g in gain.items()) + ".")
-    geo = v.geometry_table(table)
+    geo = geometry_table(table)
     auto = geo[(geo["alpha_setting"] == "auto")]
     bias = auto[auto["metric"] == "delta_bias_share"].groupby("layer", sort=False)["value"].median()
     if len(bias):

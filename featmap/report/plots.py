@@ -150,28 +150,36 @@ def plot_reconstructions(reconstructions: dict, n_photos: int = 1, scale: float 
     return fig
 
 
-# One colour per outcome, the same everywhere in the book (from seaborn's colour-blind-safe "colorblind" palette).
-OUTCOME_COLOURS = {"holds": "#029e73", "does not hold": "#d55e00", "inconclusive": "#bbbbbb"}
+# One colour per outcome, the same everywhere in the book (from seaborn's colour-blind-safe "colorblind" palette);
+# the cases set apart in two light greys.
+OUTCOME_COLOURS = {"holds": "#029e73", "does not hold": "#d55e00", "inconclusive": "#bbbbbb",
+                   "no verdict": "#e8e8e8", "nothing to learn": "#f4f4f4"}
 
 
-def plot_outcomes(counts: dict[str, pd.DataFrame], height: float = 0.42):
-    """Returns a figure: per claim and family, how many cases hold, do not hold or are inconclusive (stacked
-    bars); ``counts``: {claim label: ``verdicts.count_outcomes`` frame} (its ``overall`` row is left out)."""
+def plot_outcomes(counts: dict[str, pd.DataFrame], height: float = 0.5):
+    """Returns a figure: per claim and family, how many cases hold, do not hold, are inconclusive or are set apart
+    (stacked bars from 0); ``counts``: {claim label: ``rules.count_outcomes`` frame} (its ``overall`` row is left
+    out)."""
     rows = [(f"{label} ({r['metric']})" if "metric" in r else label, r["family"], r)
-            for label, c in counts.items() for r in c.to_dict("records") if r["family"] != "overall" and r["cases"]]
+            for label, c in counts.items() for r in c.to_dict("records")
+            if r["family"] != "overall" and (r["cases"] or any(r.get(k, 0) for k in OUTCOME_COLOURS))]
     if not rows:
         raise ValueError("no cases to plot: no claim was measured")
-    fig, ax = plt.subplots(figsize=(8.5, 0.9 + height * len(rows)))
+    fig, ax = plt.subplots(figsize=(8.5, 1.0 + height * len(rows)))
     labels = [f"{label} · {family}" for label, family, _ in rows]
     left = np.zeros(len(rows))
     for outcome, colour in OUTCOME_COLOURS.items():
-        values = np.array([r[outcome] for _, _, r in rows], dtype=float)
-        ax.barh(range(len(rows)), values, left=left, color=colour, label=outcome, edgecolor="white")
+        values = np.array([r.get(outcome, 0) for _, _, r in rows], dtype=float)
+        if not values.any():
+            continue
+        ax.barh(range(len(rows)), values, left=left, color=colour, label=outcome, edgecolor="0.6", linewidth=0.5)
         left += values
-    ax.set_yticks(range(len(rows)), labels)
+    ax.set_yticks(range(len(rows)), labels, fontsize=10)
     ax.invert_yaxis()
-    ax.set_xlabel("cases (manipulation x layer)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    ax.set_xlim(0, max(left.max(), 1) * 1.02)
+    ax.set_xlabel("cases (edit x layer)", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.9 / (1.0 + height * len(rows))), ncol=5, frameon=False,
+              fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return fig
@@ -211,10 +219,10 @@ def plot_by_depth(table: pd.DataFrame, metric: str = "cos_mean", mappings: tuple
 
 
 def plot_headline(families: pd.DataFrame, metric: str = "cos_mean",
-                  maps: tuple[str, ...] = ("identity", "linear", "transformer", "transformer_pe"), height: float = 3.2):
-    """Returns the book's headline figure: per family, test ``metric`` of the identity floor, the shared linear map
-    and the global maps, over the cases where all of them ran (comparable spatial mode); bars are the mean over
-    cases, dots the cases."""
+                  maps: tuple[str, ...] = ("identity", "linear", "transformer", "transformer_pe"), height: float = 3.0):
+    """Returns the book's headline figure, a dot plot: per family, test ``metric`` of the identity floor, the shared
+    linear map and the global maps, over the cases where all of them ran (comparable spatial mode): a large dot for
+    the mean over cases, small dots for the cases. No bars: the axis need not start at 0."""
     data = comparable_rows(families[(families["metric"] == metric) & families["mapping"].isin(maps)])
     key = ["family", "manipulation", "backbone", "layer"]
     complete = data.groupby(key)["mapping"].nunique()
@@ -223,20 +231,21 @@ def plot_headline(families: pd.DataFrame, metric: str = "cos_mean",
     if data.empty:
         raise ValueError(f"no case where {', '.join(maps)} all ran")
     fams = list(dict.fromkeys(data["family"]))
-    fig, ax = plt.subplots(figsize=(1.9 * len(fams) + 2.4, height))
-    width = 0.8 / len(maps)
+    fig, ax = plt.subplots(figsize=(8.5, height))
+    step = 0.8 / len(maps)
     for i, name in enumerate(maps):
         d = data[data["mapping"] == name]
-        x = np.arange(len(fams)) - 0.4 + width * (i + 0.5)
-        ax.bar(x, d.groupby("family")["value"].mean().reindex(fams), width * 0.9, color=MAP_COLOURS[name],
-               label=name, alpha=0.85)
+        y = np.arange(len(fams)) - 0.4 + step * (i + 0.5)
         for j, fam in enumerate(fams):
             v = d[d["family"] == fam]["value"]
-            ax.plot(np.full(len(v), x[j]), v, "o", ms=2.5, color="0.15", alpha=0.6)
-    ax.set_xticks(range(len(fams)), fams)
-    ax.set_ylabel(f"{metric} on test photos")
-    ax.set_ylim(max(0.0, float(data["value"].min()) - 0.05), 1.0)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+            ax.plot(v, np.full(len(v), y[j]), "|", ms=7, color=MAP_COLOURS[name], alpha=0.55)
+        ax.plot(d.groupby("family")["value"].mean().reindex(fams), y, "o", ms=8, color=MAP_COLOURS[name],
+                label=name)
+    ax.set_yticks(range(len(fams)), fams, fontsize=11)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} on test photos (dot: mean over cases; ticks: cases)", fontsize=10)
+    ax.legend(loc="lower left", ncol=len(maps), frameon=False, fontsize=10, bbox_to_anchor=(0, 1.0))
+    ax.grid(axis="x", color="0.9")
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return fig

@@ -1,277 +1,152 @@
-"""Decision rules over results tables: every verdict is one of three outcomes, computed from paired intervals.
+"""The case rules of the study's claims over results tables, each case one of three outcomes from paired intervals
+(``featmap.report.rules``), or set apart with its reason.
 
-``HOLDS`` (the data show it), ``FAILS`` (the data show the opposite, or rule out a worthwhile effect) and
-``INCONCLUSIVE`` (the interval cannot decide). Rows are the long results table of DESIGN.md (family,
-manipulation, backbone, layer, mapping, spatial, metric, value, n, ci_low, ci_high). Every join key holds
-backbone and spatial (``KEY``), so two backbones or two spatial modes never mix. Intervals are the paired
-bootstrap intervals the table carries; ``gap`` rows are per-photo differences of two maps on the same photos.
+- Claim 1, feasibility (``feasibility``): the best map chosen on validation photos (or the pre-specified shared
+  linear map) against the no-learning floor, on the changed positions of local edits; cases with nothing left to
+  learn are set apart.
+- Comparators (``comparators``): a global map counts only when it has learned.
+- Claim 2 and semantic consistency (``closeness``): the shared linear map non-inferior to the harder valid global
+  map on one metric.
+- Claim 3b (``depth_trend``): the linear-to-global gap rising from the shallowest to the deepest layer.
 
-The project's single definitions are used throughout: metric directions from the metric registry
-(``score.metrics.higher_is_better``), the comparable spatial mode (``core.table.comparable_rows``), the global maps
-(``maps.base.GLOBAL_MAPS``), the ridge grid (``maps.stats.RIDGE_GRID``) and which edits are partner-based
-controls (``CONTROLS``: the editors marked as controls).
+The project's single definitions are used throughout: metric directions (``score.metrics``), the comparable spatial
+mode (``core.table.comparable_rows``), the global maps (``maps.base.GLOBAL_MAPS``) and the partner-based controls
+(``rules.CONTROLS``).
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from featmap.core.table import comparable_rows
-from featmap.edits.editors import EDITORS, is_control
 from featmap.maps.base import GLOBAL_MAPS
-from featmap.maps.stats import RIDGE_GRID
-from featmap.score.metrics import higher_is_better as _higher_is_better
-
-HOLDS = "holds"
-FAILS = "does not hold"
-INCONCLUSIVE = "inconclusive"
-OUTCOMES = (HOLDS, FAILS, INCONCLUSIVE)
-# A case the rule cannot be applied to (say, no valid comparator): counted and named apart, never in a verdict.
-NO_VERDICT = "no verdict"
-
-KEY = ["family", "manipulation", "backbone", "layer", "spatial"]
-# Edits whose target depends on a random partner photo: not a function of the original, so negative controls
-# (the editors marked ``control``).
-CONTROLS = tuple(name for name in EDITORS.names() if is_control(name))
-NOT_FITTED = ("identity", "target")  # rows that are no fitted map (identity is the floor, target the ceiling)
-RANDOM_SUFFIX = ":random"
-
-
-class Split(NamedTuple):
-    """Cases (the claim is tested on them) and controls (partner-based edits, reported beside, never counted)."""
-
-    cases: pd.DataFrame
-    controls: pd.DataFrame
+from featmap.report.rules import (
+    CONTROLS,
+    HOLDS,
+    INCONCLUSIVE,
+    KEY,
+    NO_VERDICT,
+    NOT_FITTED,
+    NOTHING_TO_LEARN,
+    Split,
+    comparable,
+    filtered,
+    is_control_edit,
+    non_inferiority,
+    orient,
+    photos_to_decide,
+    sign_of,
+    split_controls,
+    superiority,
+    superiority_boundary,
+    unique_rows,
+)
 
 
 class Trend(NamedTuple):
-    """The per-layer gaps and the per-case directional verdict of ``depth_gap_trend``."""
+    """The per-layer gaps and the per-case directional verdict of ``depth_trend``."""
 
     per_layer: pd.DataFrame
     trend: pd.DataFrame
-
-
-# -- the three-outcome rules --------------------------------------------------------------------------------
-
-def _outcomes(rule: Callable[..., str], *args):
-    """Applies a scalar rule elementwise; returns a str for scalars, a Series (index of the first Series
-    argument) or an array otherwise."""
-    index = next((a.index for a in args if isinstance(a, pd.Series)), None)
-    arrays = np.broadcast_arrays(*[np.asarray(a, dtype=float) for a in args])
-    if arrays[0].ndim == 0:
-        return rule(*(float(a) for a in arrays))
-    out = np.array([rule(*vals) for vals in zip(*(a.ravel() for a in arrays))], dtype=object).reshape(arrays[0].shape)
-    return pd.Series(out, index=index, dtype=object) if index is not None else out
-
-
-def _superiority(ci_low: float, ci_high: float, effect: float, min_effect: float) -> str:
-    if ci_high < min_effect:
-        return FAILS
-    if ci_low > 0 and effect >= min_effect:
-        return HOLDS
-    return INCONCLUSIVE
-
-
-def superiority(ci_low, ci_high, effect, min_effect):
-    """Returns the outcome of "the gain is real and worthwhile" for a gain (higher is better) and its interval.
-
-    Rule, in this order: ``FAILS`` when ci_high < min_effect (the interval rules out a worthwhile gain; this
-    includes a gain that is real but smaller than ``min_effect``, and a clear loss); ``HOLDS`` when ci_low > 0
-    and the point gain ``effect`` >= ``min_effect`` (a real gain of at least the minimum size); else
-    ``INCONCLUSIVE``. NaN anywhere (no interval, no minimum) gives ``INCONCLUSIVE``. Scalars give a str;
-    Series or arrays (broadcast) give one outcome per element.
-    """
-    return _outcomes(_superiority, ci_low, ci_high, effect, min_effect)
-
-
-def _non_inferiority(ci_low: float, ci_high: float, tolerance: float) -> str:
-    if ci_low > -tolerance:
-        return HOLDS
-    if ci_high < -tolerance:
-        return FAILS
-    return INCONCLUSIVE
-
-
-def non_inferiority(ci_low, ci_high, tolerance):
-    """Returns the outcome of "not worse by more than ``tolerance``" for a difference (higher is better).
-
-    Rule: ``HOLDS`` (close) when ci_low > -tolerance (the interval excludes a loss of ``tolerance`` or more);
-    ``FAILS`` (not close) when ci_high < -tolerance (the interval excludes being close); else ``INCONCLUSIVE``
-    (an under-powered interval straddling -tolerance). NaN gives ``INCONCLUSIVE``. Scalars give a str, Series
-    or arrays one outcome per element.
-    """
-    return _outcomes(_non_inferiority, ci_low, ci_high, tolerance)
-
-
-# -- helpers ----------------------------------------------------------------------------------------------
-
-def lower_is_better(metric: str) -> bool:
-    """Returns whether lower values of ``metric`` are better (the metric registry's direction)."""
-    return not _higher_is_better(metric)
-
-
-comparable = comparable_rows
-
-
-def _sign(metric: str, higher_is_better: bool | None) -> float:
-    """Returns +1 when larger ``metric`` values are better (from the registry unless given), else -1."""
-    lower = lower_is_better(metric) if higher_is_better is None else not higher_is_better
-    return -1.0 if lower else 1.0
-
-
-def _is_control(manipulation: pd.Series, controls: Iterable[str]) -> pd.Series:
-    controls = tuple(controls)
-    return manipulation.map(lambda m: any(m == c or str(m).startswith(c + "_") for c in controls)).astype(bool)
-
-
-def _unique(rows: pd.DataFrame, key: list[str], what: str) -> pd.DataFrame:
-    dup = rows.duplicated(key, keep=False)
-    if dup.any():
-        first = rows.loc[dup, key].iloc[0].to_dict()
-        raise ValueError(f"{int(dup.sum())} {what} rows share a key, e.g. {first}: stack chapters with distinct "
-                         "keys (backbone, spatial) or drop the repeats before deciding")
-    return rows.set_index(key)
-
-
-def _orient(value, low, high, sign: float):
-    """Returns (value, low, high) turned so that higher is better."""
-    if sign > 0:
-        return value, low, high
-    return -value, -high, -low
-
-
-def _split(out: pd.DataFrame, controls: Iterable[str]) -> Split:
-    is_control = _is_control(out["manipulation"], controls) if len(out) else pd.Series([], dtype=bool)
-    return Split(out[~is_control].reset_index(drop=True), out[is_control].reset_index(drop=True))
 
 
 def _oriented_gaps(gaps: pd.DataFrame, names: dict[str, str], mapping: str, sign: float) -> pd.DataFrame:
     """Returns ``mapping``'s gap rows (one per case and metric) with the global map each compares against
     (``versus``), turned so that higher is better, and ``_rank``: the lower end of the interval (a gap without an
     interval ranks lowest, so it decides)."""
-    _unique(gaps, KEY + ["metric"], f"{mapping} gap")
+    unique_rows(gaps, KEY + ["metric"], f"{mapping} gap")
     gaps["versus"] = gaps["metric"].map(names)
-    gaps["gap"], gaps["ci_low"], gaps["ci_high"] = _orient(gaps["value"], gaps["ci_low"], gaps["ci_high"], sign)
+    gaps["gap"], gaps["ci_low"], gaps["ci_high"] = orient(gaps["value"], gaps["ci_low"], gaps["ci_high"], sign)
     gaps["_rank"] = gaps["ci_low"].fillna(-np.inf)
     return gaps
 
 
-def _filtered(table: pd.DataFrame, keep: Callable[[pd.DataFrame], pd.DataFrame] | None) -> pd.DataFrame:
-    return table if keep is None else keep(table)
+# -- claim 1: feasibility ------------------------------------------------------------------------------------
+
+NOTHING_LEFT = 0.02  # a floor within this of the ceiling (1 for cosines) on validation photos leaves nothing to learn
+FEASIBILITY_COLUMNS = KEY + ["local", "metric", "chosen", "floor", "floor_val", "chosen_val", "headroom",
+                             "min_effect", "gain", "gain_low", "gain_high", "n", "outcome", "photos_needed", "note"]
 
 
-# -- claim 1: a map can be learned for every manipulation ---------------------------------------------------
+def feasibility(table: pd.DataFrame, min_effect_share: float = 0.1, region: str = "changed", chosen: str = "best",
+                nothing_left: float = NOTHING_LEFT, controls: Iterable[str] = CONTROLS,
+                keep: Callable[[pd.DataFrame], pd.DataFrame] | None = comparable) -> Split:
+    """Returns (cases, controls): per case (``KEY``, after ``keep``), whether a map can be learned.
 
-LEARNABLE_COLUMNS = KEY + ["mapping", "metric", "identity", "headroom", "min_effect", "gain", "gain_low",
-                           "gain_high", "n", "outcome", "note", "best_map_val", "best_val_score", "best_test_value",
-                           "best_gain", "best_gain_low", "best_gain_high", "best_outcome", "best_note"]
+    Score: ``cos_changed_mean`` (the positions the edit changed) for a local edit when ``region`` is "changed" (a
+    case is local when its ``target`` row ``local_edit`` is 1: a painted square or an object mask), else
+    ``cos_mean`` (the whole map). Floor: ``identity`` (y = x; after the grid operation in the ``applied`` mode).
+    ``chosen``: "best", the fitted map with the highest validation score (``val_<score>`` rows; never test), or
+    "linear", the pre-specified shared linear map.
 
-
-def claim_learnable(table: pd.DataFrame, metric: str = "cos_mean", mapping: str = "linear",
-                    min_effect_share: float = 0.1, controls: Iterable[str] = CONTROLS,
-                    higher_is_better: bool | None = None, bound: float | None = None,
-                    keep: Callable[[pd.DataFrame], pd.DataFrame] | None = comparable,
-                    validation: pd.DataFrame | None = None) -> Split:
-    """Returns (cases, controls): per case, whether the pre-specified ``mapping`` learns the edit, by the paired
-    gain over identity.
-
-    Reads, per case ``KEY`` (family, manipulation, backbone, layer, spatial), after ``keep`` (default
-    ``comparable``; None keeps every row): the row ``<metric>_gap_identity`` of ``mapping`` (value = mean over
-    test photos of map minus identity, ci_low / ci_high = its paired bootstrap interval) and identity's own
-    ``<metric>`` row. Gain = the gap turned so that higher is better (``higher_is_better`` None: from
-    ``lower_is_better(metric)``). Headroom = ``bound`` - identity (lower-is-better: identity - ``bound``);
-    ``bound`` None is 1 for higher-is-better metrics (cosines, agreement, SSIM), 0 otherwise. Minimum effect =
-    ``min_effect_share`` * max(headroom, 0). Outcome = ``superiority(gain_low, gain_high, gain, min_effect)``:
-    holds when the paired interval lies above 0 and the gain reaches the minimum effect, does not hold when
-    the interval's upper end is below the minimum effect, else inconclusive. A case missing either row is
-    inconclusive, with a ``note``.
-
-    Best map: chosen on validation scores, never on test. ``validation`` (a frame of rows ``val_<metric>`` or
-    ``<metric>``), else the table's own ``val_<metric>`` rows; among fitted maps (not identity or target) the
-    best validation score wins, and its test value, paired gain over identity and outcome (same rule) are
-    reported. Without validation rows for a case, ``best_map_val`` is empty and ``best_note`` says so.
-
-    Partner-based edits (``controls``: the names, or names followed by ``_...``) are computed the same way
-    and returned in ``controls``, never in ``cases``.
+    Nothing to learn (``NOTHING_TO_LEARN``, set apart: neither a success nor a failure): the floor's validation
+    score is within ``nothing_left`` of the ceiling 1, or no fitted map beats it on the validation photos.
+    Otherwise the outcome is ``superiority`` of the chosen map's paired gain over the floor (its
+    ``<score>_gap_identity`` row) against a minimum effect of ``min_effect_share`` times the floor's headroom
+    (1 - floor on the test photos): holds when the interval lies above 0 and the gain reaches the minimum, does not
+    hold when the interval lies below the minimum, else inconclusive (``photos_needed``: ``photos_to_decide``). A
+    case missing a row the rule needs is ``NO_VERDICT`` with a ``note``. Partner-based edits go to ``controls``.
     """
-    sign = _sign(metric, higher_is_better)
-    bound = (1.0 if sign > 0 else 0.0) if bound is None else float(bound)
-    data = _filtered(table, keep)
-    ident = _unique(data[(data["mapping"] == "identity") & (data["metric"] == metric)], KEY, f"identity {metric}")
-    gap_name = f"{metric}_gap_identity"
-    gaps = data[data["metric"] == gap_name]
-    own = _unique(gaps[gaps["mapping"] == mapping], KEY, f"{mapping} {gap_name}")
-    index = ident.index.union(own.index)
-    if len(index) == 0:
-        return Split(pd.DataFrame(columns=LEARNABLE_COLUMNS), pd.DataFrame(columns=LEARNABLE_COLUMNS))
-    out = pd.DataFrame(index=index)
-    out["mapping"], out["metric"] = mapping, metric
-    out["identity"] = ident["value"].reindex(index)
-    out["headroom"] = sign * (bound - out["identity"])
-    out["min_effect"] = min_effect_share * out["headroom"].clip(lower=0)
-    g = own.reindex(index)
-    out["gain"], out["gain_low"], out["gain_high"] = _orient(g["value"], g["ci_low"], g["ci_high"], sign)
-    out["n"] = g["n"]
-    out["outcome"] = superiority(out["gain_low"], out["gain_high"], out["gain"], out["min_effect"])
-    out["note"] = ""
-    out.loc[g["value"].isna(), "note"] = f"no {gap_name} row for {mapping}"
-    out.loc[out["identity"].isna(), "note"] = f"no identity {metric} row"
-    out.loc[(out["note"] != "") | out["gain_low"].isna(), "outcome"] = INCONCLUSIVE
-    out = out.join(_best_on_validation(data, table, validation, metric, gaps, out, sign), how="left")
-    out = out.reset_index()
-    return _split(out[LEARNABLE_COLUMNS], controls)
+    if region not in ("changed", "whole") or chosen not in ("best", "linear"):
+        raise ValueError(f"region must be 'changed' or 'whole' and chosen 'best' or 'linear', got {region!r}, "
+                         f"{chosen!r}")
+    data = filtered(table, keep)
+    floor_rows = data[(data["mapping"] == "identity") & (data["metric"] == "cos_mean")]
+    cases = floor_rows.drop_duplicates(KEY).set_index(KEY).index
+    if len(cases) == 0:
+        return Split(pd.DataFrame(columns=FEASIBILITY_COLUMNS), pd.DataFrame(columns=FEASIBILITY_COLUMNS))
+    local_rows = table[(table["mapping"] == "target") & (table["metric"] == "local_edit")]
+    local = local_rows.drop_duplicates(["family", "manipulation", "backbone", "layer"]).set_index(
+        ["family", "manipulation", "backbone", "layer"])["value"]
+    out = []
+    fitted = data[~data["mapping"].isin(NOT_FITTED)]
+    for case in cases:
+        fam, manip, backbone, layer, spatial = case
+        is_local = region == "changed" and bool(local.get((fam, manip, backbone, layer), 0) == 1)
+        metric = "cos_changed_mean" if is_local else "cos_mean"
+        here = data[(data["family"] == fam) & (data["manipulation"] == manip) & (data["backbone"] == backbone)
+                    & (data["layer"] == layer) & (data["spatial"] == spatial)]
+        val = here[here["metric"] == f"val_{metric}"].drop_duplicates("mapping").set_index("mapping")["value"]
+        test = here[here["metric"] == metric].drop_duplicates("mapping").set_index("mapping")["value"]
+        gaps = here[here["metric"] == f"{metric}_gap_identity"].drop_duplicates("mapping").set_index("mapping")
+        fitted_val = val[[m for m in val.index if m in set(fitted["mapping"])]]
+        row = dict(zip(KEY, case), local=is_local, metric=metric, floor=test.get("identity", np.nan),
+                   floor_val=val.get("identity", np.nan), note="")
+        if chosen == "best":
+            name = fitted_val.sort_values(ascending=False, kind="stable").index[0] if len(fitted_val) else None
+        else:
+            name = "linear" if "linear" in test.index or "linear" in gaps.index else None
+        row["chosen"] = name
+        row["chosen_val"] = fitted_val.get(name, np.nan) if name else np.nan
+        row["headroom"] = 1 - row["floor"]
+        row["min_effect"] = min_effect_share * max(row["headroom"], 0) if np.isfinite(row["headroom"]) else np.nan
+        missing = [what for what, ok in (("the floor's test score", np.isfinite(row["floor"])),
+                                         ("the floor's validation score", np.isfinite(row["floor_val"])),
+                                         ("a fitted map's validation score", len(fitted_val) > 0),
+                                         (f"{name}'s {metric}_gap_identity row", name in gaps.index)) if not ok]
+        if missing:
+            out.append({**row, "outcome": NO_VERDICT, "note": "missing " + ", ".join(missing)})
+            continue
+        if 1 - row["floor_val"] < nothing_left or fitted_val.max() <= row["floor_val"]:
+            why = (f"the floor scores {row['floor_val']:.3f} on validation photos, within {nothing_left:g} of 1"
+                   if 1 - row["floor_val"] < nothing_left else
+                   f"no fitted map beats the floor on validation photos (best {fitted_val.max():.3f} against "
+                   f"{row['floor_val']:.3f})")
+            out.append({**row, "outcome": NOTHING_TO_LEARN, "note": why})
+            continue
+        g = gaps.loc[name]
+        gain, low, high = float(g["value"]), float(g["ci_low"]), float(g["ci_high"])
+        outcome = superiority(low, high, gain, row["min_effect"])
+        need = photos_to_decide(gain, low, high, float(g["n"]), superiority_boundary(gain, row["min_effect"])) \
+            if outcome == INCONCLUSIVE else np.nan
+        out.append({**row, "gain": gain, "gain_low": low, "gain_high": high, "n": float(g["n"]), "outcome": outcome,
+                    "photos_needed": need})
+    return split_controls(pd.DataFrame(out).reindex(columns=FEASIBILITY_COLUMNS), controls)
 
 
-def _best_on_validation(data: pd.DataFrame, table: pd.DataFrame, validation: pd.DataFrame | None, metric: str,
-                        gaps: pd.DataFrame, cases: pd.DataFrame, sign: float) -> pd.DataFrame:
-    val_name = f"val_{metric}"
-    if validation is None:
-        val = data[data["metric"] == val_name]
-        source = f"no validation rows ({val_name})"
-    else:
-        val = validation[validation["metric"].isin([val_name, metric])]
-        source = f"no rows of the validation frame ({val_name} or {metric})"
-        if len(val):
-            val = val[val.set_index(KEY).index.isin(cases.index)]
-    val = val[~val["mapping"].isin(NOT_FITTED)]
-    best = pd.DataFrame(index=cases.index.sort_values(), columns=[
-        "best_map_val", "best_val_score", "best_test_value", "best_gain", "best_gain_low", "best_gain_high",
-        "best_outcome", "best_note"])  # a sorted key: lookups by a full key stay fast (and quiet)
-    best["best_note"] = f"{source}: best map not chosen (never chosen on test)"
-    if len(val):
-        _unique(val, KEY + ["mapping"], f"validation {metric}")
-        ranked = val.assign(score=sign * val["value"]).sort_values(KEY + ["score", "mapping"],
-                                                                   ascending=[True] * len(KEY) + [False, True])
-        top = ranked.drop_duplicates(KEY).set_index(KEY)
-        top = top[top.index.isin(cases.index)]
-        best.loc[top.index, "best_map_val"] = top["mapping"]
-        best.loc[top.index, "best_val_score"] = top["value"]
-        best.loc[top.index, "best_note"] = ""
-        test = data[data["metric"] == metric].set_index(KEY + ["mapping"])["value"]
-        test = test[~test.index.duplicated()].sort_index()  # sorted: lookups by a full key stay fast and quiet
-        gap = gaps.set_index(KEY + ["mapping"])
-        gap = gap[~gap.index.duplicated()].sort_index()
-        for idx, name in top["mapping"].items():
-            k = tuple(idx) + (name,)
-            best.loc[idx, "best_test_value"] = test.get(k, np.nan)
-            if k in gap.index:
-                v, lo, hi = _orient(*(float(gap.loc[k, c]) for c in ("value", "ci_low", "ci_high")), sign)
-                best.loc[idx, ["best_gain", "best_gain_low", "best_gain_high"]] = [v, lo, hi]
-            else:
-                best.loc[idx, "best_note"] = f"no {metric}_gap_identity row for {name}"
-    for c in ("best_val_score", "best_test_value", "best_gain", "best_gain_low", "best_gain_high"):
-        best[c] = pd.to_numeric(best[c], errors="coerce")
-    best["best_outcome"] = superiority(best["best_gain_low"], best["best_gain_high"], best["best_gain"],
-                                       cases["min_effect"].reindex(best.index))
-    best.loc[best["best_map_val"].isna(), "best_outcome"] = INCONCLUSIVE
-    return best
-
-
-# -- comparators: a global map counts only when it has learned -----------------------------------------------
+# -- comparators: a global map counts only when it has learned ------------------------------------------------
 
 COMPARATOR_COLUMNS = KEY + ["versus", "steps", "best_step", "stopped_early", "train_loss", "linear_train_loss",
                             "valid", "why"]
@@ -335,9 +210,9 @@ def _no_comparator_note(valid: pd.DataFrame, case: tuple) -> str:
     return "no valid comparator: " + "; ".join(f"{r.versus}: {r.why}" for r in mine.itertuples())
 
 
-# -- claim 2: the shared linear map is close to the best global map ----------------------------------------
+# -- claim 2 and semantic consistency: the shared linear map close to the harder valid global map --------
 
-def claim_linear_close(table: pd.DataFrame, metric: str = "cos_mean", tolerance: float = 0.02,
+def closeness(table: pd.DataFrame, metric: str = "cos_mean", tolerance: float = 0.02,
                        global_maps: Iterable[str] = GLOBAL_MAPS, mapping: str = "linear",
                        higher_is_better: bool | None = None, controls: Iterable[str] = CONTROLS,
                        keep: Callable[[pd.DataFrame], pd.DataFrame] | None = comparable,
@@ -349,19 +224,20 @@ def claim_linear_close(table: pd.DataFrame, metric: str = "cos_mean", tolerance:
     paired bootstrap interval), turned so that higher is better (see ``lower_is_better``). The hardest
     comparison per case ``KEY`` is the global map whose gap has the lower ci_low (a gap without an interval
     counts as lowest, so it decides: inconclusive). Outcome = ``non_inferiority(ci_low, ci_high, tolerance)``:
-    close (holds) when ci_low > -tolerance, not close when ci_high < -tolerance, else inconclusive.
+    close (holds) when ci_low > -tolerance, not close when ci_high < -tolerance, else inconclusive; an
+    inconclusive case's ``photos_needed`` is ``photos_to_decide`` against -tolerance.
     ``compared`` lists the global maps with gap rows. Each global map's convergence is printed beside: columns
     ``<global>_<budget metric>`` from its rows ``steps`` / ``best_step`` / ``stopped_early`` / ``train_loss`` of the
     same case. ``valid`` (``comparators(table)``): only valid comparators are compared; a case without one is
     ``NO_VERDICT``, its ``note`` saying why. Partner-based edits go to ``controls``.
     """
     global_maps = tuple(global_maps)
-    sign = _sign(metric, higher_is_better)
-    data = _filtered(table, keep)
+    sign = sign_of(metric, higher_is_better)
+    data = filtered(table, keep)
     names = {f"{metric}_gap_{g}": g for g in global_maps}
     budget_cols = [f"{g}_{b}" for g in global_maps for b in budget_metrics]
-    columns = KEY + ["metric", "versus", "gap", "ci_low", "ci_high", "n", "tolerance", "outcome", "compared",
-                     "note"] + budget_cols
+    columns = KEY + ["metric", "versus", "gap", "ci_low", "ci_high", "n", "tolerance", "outcome", "photos_needed",
+                     "compared", "note"] + budget_cols
     gaps = data[data["metric"].isin(list(names)) & (data["mapping"] == mapping)].copy()
     if gaps.empty:
         return Split(pd.DataFrame(columns=columns), pd.DataFrame(columns=columns))
@@ -373,6 +249,8 @@ def claim_linear_close(table: pd.DataFrame, metric: str = "cos_mean", tolerance:
     out = hardest[["versus", "gap", "ci_low", "ci_high", "n"]].copy()
     out["metric"], out["tolerance"] = metric, tolerance
     out["outcome"] = non_inferiority(out["ci_low"], out["ci_high"], tolerance)
+    out["photos_needed"] = np.where(out["outcome"] == INCONCLUSIVE, photos_to_decide(
+        out["gap"], out["ci_low"], out["ci_high"], out["n"], -tolerance), np.nan)
     out["compared"] = usable.groupby(KEY)["versus"].agg(lambda v: ",".join(sorted(v))).reindex(out.index)
     out["note"] = ""
     missing = out["versus"].isna()
@@ -384,129 +262,10 @@ def claim_linear_close(table: pd.DataFrame, metric: str = "cos_mean", tolerance:
         for b in budget_metrics:
             got = rows[rows["metric"] == b].drop_duplicates(KEY).set_index(KEY)["value"]
             out[f"{g}_{b}"] = got.reindex(out.index)
-    return _split(out.reset_index()[columns], controls)
+    return split_controls(out.reset_index()[columns], controls)
 
 
-# -- counting ------------------------------------------------------------------------------------------------
-
-def _verdict(counts: dict[str, int], rule: str, max_inconclusive_share: float) -> str:
-    n = sum(counts.values())
-    if n == 0:
-        return INCONCLUSIVE
-    if rule == "all":
-        if counts[FAILS]:
-            return FAILS
-        return HOLDS if counts[INCONCLUSIVE] <= max_inconclusive_share * n else INCONCLUSIVE
-    if counts[HOLDS] > n / 2:
-        return HOLDS
-    return FAILS if counts[FAILS] >= n / 2 else INCONCLUSIVE
-
-
-def count_outcomes(cases: pd.DataFrame, column: str = "outcome", by: str = "family", rule: str = "all",
-                   max_inconclusive_share: float = 0.0) -> pd.DataFrame:
-    """Returns per ``by`` group and ``overall`` (last row): cases, how many hold / do not hold / are inconclusive,
-    and the group's verdict.
-
-    ``rule="all"`` (a claim about every case, like claim 1's "for all considered transformations"): does not
-    hold when any case does not hold; holds when none fails and at most ``max_inconclusive_share`` of the cases
-    are inconclusive (default 0: every case holds); else inconclusive. ``rule="most"`` (a claim about what
-    happens "typically"): holds when more than half of the cases hold; does not hold when at least half do
-    not; else inconclusive. A group without cases is inconclusive. ``overall`` pools every case.
-    Cases marked ``NO_VERDICT`` (the rule could not be applied) are counted in their own column and left out of
-    ``cases`` and the verdict; a group of such cases alone has the verdict ``NO_VERDICT``.
-    """
-    if rule not in ("all", "most"):
-        raise ValueError(f"rule must be 'all' or 'most', got {rule!r}")
-    unknown = set(cases[column]) - set(OUTCOMES) - {NO_VERDICT} if len(cases) else set()
-    if unknown:
-        raise ValueError(f"column {column!r} holds {sorted(map(str, unknown))}, not outcomes {OUTCOMES}")
-    groups = list(cases.groupby(by, sort=False)) if len(cases) else []
-    rows = []
-    for name, part in groups + [("overall", cases)]:
-        counts = {o: int((part[column] == o).sum()) if len(part) else 0 for o in OUTCOMES}
-        apart = int((part[column] == NO_VERDICT).sum()) if len(part) else 0
-        decided = sum(counts.values())
-        verdict = NO_VERDICT if apart and not decided else _verdict(counts, rule, max_inconclusive_share)
-        rows.append({by: name, "cases": decided, **counts, NO_VERDICT: apart, "verdict": verdict})
-    return pd.DataFrame(rows, columns=[by, "cases", *OUTCOMES, NO_VERDICT, "verdict"])
-
-
-# -- claim 3: what the linear maps look like, layer by layer -------------------------------------------------
-
-GEOMETRY_METRICS = ("delta_wx_share", "delta_bias_share", "delta_erank_frac", "delta_erank_floor_frac")
-
-
-def _alpha_setting(mapping: str, fixed_prefix: str) -> str:
-    return "auto" if mapping == "linear" else mapping.removeprefix(fixed_prefix)
-
-
-def geometry_table(table: pd.DataFrame, metrics: Iterable[str] = GEOMETRY_METRICS, alpha_col: str = "ridge_alpha",
-                   grid: Iterable[float] = RIDGE_GRID, mappings: Iterable[str] | None = None,
-                   fixed_prefix: str = "linear_alpha", random_suffix: str = RANDOM_SUFFIX) -> pd.DataFrame:
-    """Returns the linear maps' geometry, one row per (backbone, family, manipulation, layer, spatial, mapping,
-    metric), with its interval where rows carry one and the random-weights control beside it.
-
-    Descriptive: no verdict. ``mappings`` None: ``linear`` (alpha chosen on validation, ``alpha_setting``
-    "auto") and every ``linear_alpha<value>`` (a fixed alpha, ``alpha_setting`` = <value>). ``alpha`` = the
-    case's ``alpha_col`` row (for a fixed mapping without one, the value in its name). ``edge_alpha`` flags an
-    auto alpha at the edge of ``grid``: the largest value (``edge_side`` "high": the grid should be extended)
-    or, when the grid holds no 0, the smallest (``low``); a grid that holds 0 has no lower edge (0 is least
-    squares). The backbone ``<name>:random`` is the control: its value, interval and alpha go to ``random_*``
-    columns of the pretrained row with the same key; ``backbone`` is the pretrained name. Random rows without
-    a pretrained partner keep their own row (``backbone`` with the suffix, ``random_*`` empty).
-    """
-    grid = sorted(float(a) for a in grid)
-    metrics = list(metrics)
-    cols = ["backbone", "family", "manipulation", "layer", "spatial", "mapping", "alpha_setting", "metric",
-            "value", "ci_low", "ci_high", "n", "alpha", "edge_alpha", "edge_side", "random_value", "random_ci_low",
-            "random_ci_high", "random_alpha", "random_edge_alpha"]
-    if mappings is None:
-        chosen = table["mapping"].eq("linear") | table["mapping"].str.fullmatch(re.escape(fixed_prefix) + r".+")
-    else:
-        chosen = table["mapping"].isin(list(mappings))
-    data = table[chosen]
-    key = KEY + ["mapping"]
-    values = data[data["metric"].isin(metrics)]
-    if values.empty:
-        return pd.DataFrame(columns=cols)
-    _unique(values, key + ["metric"], "geometry")
-    alphas = data[data["metric"] == alpha_col].drop_duplicates(key).set_index(key)["value"]
-    out = values[key + ["metric", "value", "ci_low", "ci_high", "n"]].copy()
-    out["alpha_setting"] = out["mapping"].map(lambda m: _alpha_setting(m, fixed_prefix))
-    alpha = alphas.reindex(pd.MultiIndex.from_frame(out[key])).to_numpy()
-    fixed = pd.to_numeric(out["alpha_setting"].where(out["alpha_setting"] != "auto"), errors="coerce").to_numpy()
-    out["alpha"] = np.where(np.isnan(alpha), fixed, alpha)
-    auto = (out["alpha_setting"] == "auto").to_numpy()
-    high = auto & np.isclose(out["alpha"], grid[-1], rtol=1e-6, atol=0)
-    low = auto & (grid[0] > 0) & np.isclose(out["alpha"], grid[0], rtol=1e-6, atol=0)
-    out["edge_side"] = np.where(high, "high", np.where(low, "low", ""))
-    out["edge_alpha"] = high | low
-    is_random = out["backbone"].astype(str).str.endswith(random_suffix)
-    base = out[~is_random].copy()
-    rnd = out[is_random].copy()
-    rnd["backbone"] = rnd["backbone"].str.removesuffix(random_suffix)
-    joined = base.merge(rnd[key + ["metric", "value", "ci_low", "ci_high", "alpha", "edge_alpha"]].rename(
-        columns={"value": "random_value", "ci_low": "random_ci_low", "ci_high": "random_ci_high",
-                 "alpha": "random_alpha", "edge_alpha": "random_edge_alpha"}), on=key + ["metric"], how="left")
-    partnered = rnd.merge(base[key + ["metric"]], on=key + ["metric"], how="left", indicator=True)
-    alone = out[is_random].reset_index(drop=True)[(partnered["_merge"] == "left_only").to_numpy()]
-    return pd.concat([joined, alone], ignore_index=True)[cols] if len(alone) else joined[cols]
-
-
-def geometry_by_family(geometry: pd.DataFrame) -> pd.DataFrame:
-    """Returns per (backbone, family, layer, spatial, mapping, alpha_setting, metric): cases, the median, min and
-    max over manipulations of the pretrained and random values, and how many cases chose an alpha at the edge."""
-    key = ["backbone", "family", "layer", "spatial", "mapping", "alpha_setting", "metric"]
-    if geometry.empty:
-        return pd.DataFrame(columns=key + ["cases", "median", "min", "max", "random_median", "edge_alpha_cases"])
-    g = geometry.groupby(key, sort=False)
-    out = pd.DataFrame({"cases": g.size(), "median": g["value"].median(), "min": g["value"].min(),
-                        "max": g["value"].max(), "random_median": g["random_value"].median(),
-                        "edge_alpha_cases": g["edge_alpha"].sum().astype(int)})
-    return out.reset_index()
-
-
-# -- the one directional statement: linear sufficiency grows with depth -------------------------------------
+# -- claim 3b: linear sufficiency grows with depth -------------------------------------------------------------
 
 def _misaligned(rows: pd.DataFrame, misaligned: Iterable) -> pd.Series:
     pairs = {tuple(m) if isinstance(m, (tuple, list)) else (None, m) for m in misaligned}
@@ -515,7 +274,7 @@ def _misaligned(rows: pd.DataFrame, misaligned: Iterable) -> pd.Series:
     return hit.astype(bool) & (rows["spatial"] == "applied")
 
 
-def depth_gap_trend(table: pd.DataFrame, metric: str = "cos_mean", global_maps: Iterable[str] = GLOBAL_MAPS,
+def depth_trend(table: pd.DataFrame, metric: str = "cos_mean", global_maps: Iterable[str] = GLOBAL_MAPS,
                     mapping: str = "linear", layer_order: Iterable[str] | None = None, min_layers: int = 3,
                     min_increase: float = 0.0, misaligned: Iterable = (), higher_is_better: bool | None = None,
                     controls: Iterable[str] = CONTROLS,
@@ -538,15 +297,16 @@ def depth_gap_trend(table: pd.DataFrame, metric: str = "cos_mean", global_maps: 
     difference >= ``min_increase``; does not hold when high_d - low_s < ``min_increase`` (with the default 0:
     the deep interval lies entirely below the shallow one); else inconclusive. A holds is downgraded to
     inconclusive when some deeper layer's interval lies entirely below a shallower layer's (a significant
-    reversal: the rise is not monotone). Fewer than ``min_layers`` layers: inconclusive.
+    reversal: the rise is not monotone). Fewer than ``min_layers`` layers: inconclusive. ``photos_needed``: for an
+    inconclusive case, ``photos_to_decide`` on that range (test photos per layer).
     ``valid`` (``comparators(table)``): only valid comparators are compared; a case with fewer than ``min_layers``
     layers that have one is ``NO_VERDICT``, its ``note`` naming the layers without one and why.
     """
     global_maps = tuple(global_maps)
-    sign = _sign(metric, higher_is_better)
+    sign = sign_of(metric, higher_is_better)
     order = list(dict.fromkeys(layer_order if layer_order is not None else table["layer"]))
-    data = _filtered(table, keep)
-    data = data[~_is_control(data["manipulation"], controls)] if len(data) else data
+    data = filtered(table, keep)
+    data = data[~is_control_edit(data["manipulation"], controls)] if len(data) else data
     names = {f"{metric}_gap_{g}": g for g in global_maps}
     gaps = data[data["metric"].isin(list(names)) & (data["mapping"] == mapping)].copy()
     gaps = gaps[~_misaligned(gaps, misaligned).to_numpy()] if len(gaps) else gaps
@@ -554,7 +314,7 @@ def depth_gap_trend(table: pd.DataFrame, metric: str = "cos_mean", global_maps: 
     per_cols = KEY + ["depth", "versus", "gap", "ci_low", "ci_high", "n"]
     case = ["family", "manipulation", "backbone", "spatial"]
     trend_cols = case + ["layers", "n_layers", "shallow", "deep", "gap_shallow", "gap_deep", "diff", "diff_low",
-                         "diff_high", "reversal", "outcome", "note"]
+                         "diff_high", "reversal", "n", "outcome", "photos_needed", "note"]
     if gaps.empty:
         return Trend(pd.DataFrame(columns=per_cols), pd.DataFrame(columns=trend_cols))
     gaps = _oriented_gaps(gaps, names, mapping, sign)
@@ -584,7 +344,11 @@ def depth_gap_trend(table: pd.DataFrame, metric: str = "cos_mean", global_maps: 
         note = ""
         if outcome == HOLDS and reversal:
             outcome, note = INCONCLUSIVE, "the deep gap is higher, but a deeper layer lies below a shallower one"
+        n = float(min(s["n"], e["n"]))
+        # the conservative range is about twice a paired interval: its half-width read as one is cautious
+        need = photos_to_decide(diff, diff_low, diff_high, n, superiority_boundary(diff, min_increase)) \
+            if outcome == INCONCLUSIVE else np.nan
         rows.append({**row, "shallow": s["layer"], "deep": e["layer"], "gap_shallow": s["gap"], "gap_deep": e["gap"],
-                     "diff": diff, "diff_low": diff_low, "diff_high": diff_high, "reversal": reversal,
-                     "outcome": outcome, "note": note})
+                     "diff": diff, "diff_low": diff_low, "diff_high": diff_high, "reversal": reversal, "n": n,
+                     "outcome": outcome, "photos_needed": need, "note": note})
     return Trend(per, pd.DataFrame(rows, columns=trend_cols))

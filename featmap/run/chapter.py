@@ -66,7 +66,8 @@ def map_options(config: RunConfig, progress: bool = True) -> MapOptions:
 
 
 # The metrics compared that way: feature space, the classifier's decision, and image space.
-GAP_METRICS = ("cos_mean", "cos_changed_mean", "top1_agree", "ssim", "lpips", "st_lpips", "cos_reextract_median")
+GAP_METRICS = ("cos_mean", "cos_changed_mean", "top1_agree", "jsd", "ssim", "lpips", "st_lpips",
+               "cos_reextract_median")
 
 
 def finite_rows(base: dict, metric: str, per_sample: np.ndarray, n_boot: int, seed: int) -> list[dict]:
@@ -191,13 +192,30 @@ def image_subset(test: list[View], n: int | None, seed: int) -> list[View]:
     return [v for v in test if v.key in chosen]
 
 
+def changed_of(store: FeatureStore, manip, views: list[View], x: torch.Tensor,
+               y: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Returns ((N, H*W) bool, local): the positions the edit changed in each view (see ``score.change``) and
+    whether they are the edit's own region. ``x``: the original maps as extracted (no grid operation), ``y``: the
+    edited ones. The painted square or the object mask mapped onto the grid where the edit has one (a local edit),
+    else the positions whose true change (against the grid-permuted original for geometric edits) exceeds the
+    default threshold."""
+    if getattr(manip, "box", None) is not None:
+        return changed_positions(x, y, mask=box_mask(manip.box, store.backbone.preprocessing.size)), True
+    if isinstance(manip, SplitEdit):
+        masks = [manip.mask(v, store.image(v, None)) for v in views]
+        if masks and all(m is not None for m in masks):
+            return changed_positions(x, y, mask=torch.from_numpy(np.stack(masks))), True
+    return changed_positions(manip.grid_op(x) if manip.grid_op is not None else x, y), False
+
+
 class CellScorer:
     """What the cells of one (manipulation, layer) share, built on first need: the test features, the classifier
     tail's scorer and the image-space scorer. A rerun whose scores are all cached builds none of them."""
 
     def __init__(self, config: RunConfig, store: FeatureStore, manip, layer: str, test: list[View],
-                 inverter: Inverter | None, tails: dict):
+                 inverter: Inverter | None, tails: dict, val: list[View] = ()):
         self.config, self.store, self.manip, self.layer, self.test = config, store, manip, layer, test
+        self.val = list(val)
         self.inverter, self._tails = inverter, tails
         self.image_views = image_subset(test, config.image_photos, config.seed)
         chosen = {v.key for v in self.image_views}
@@ -233,19 +251,24 @@ class CellScorer:
 
     @property
     def changed(self) -> torch.Tensor:
-        """Returns (N, H*W) bool: the positions the edit changed in each test photo (see ``score.change``): the
-        painted square or the object mask mapped onto the grid where the edit has one, else the positions whose
-        true change (against the grid-permuted original for geometric edits) exceeds the default threshold."""
+        """Returns (N, H*W) bool: the positions the edit changed in each test photo (``changed_of``)."""
+        return self._get("changed", lambda: changed_of(self.store, self.manip, self.test, self.x_test,
+                                                       self.y_test)[0])
+
+    @property
+    def local(self) -> bool:
+        """Returns whether the edit names its own region (a painted square or an object mask): a local edit."""
+        return self._get("local", lambda: changed_of(self.store, self.manip, self.test[:1], self.x_test[:1],
+                                                     self.y_test[:1])[1])
+
+    @property
+    def val_changed(self) -> torch.Tensor:
+        """Returns (N_val, H*W) bool: the positions the edit changed in each validation view, in ``val`` order."""
         def make():
-            x, y, manip = self.x_test, self.y_test, self.manip
-            if getattr(manip, "box", None) is not None:
-                return changed_positions(x, y, mask=box_mask(manip.box, self.store.backbone.preprocessing.size))
-            if isinstance(manip, SplitEdit):
-                masks = [manip.mask(v, self.store.image(v, None)) for v in self.test]
-                if all(m is not None for m in masks):
-                    return changed_positions(x, y, mask=torch.from_numpy(np.stack(masks)))
-            return changed_positions(manip.grid_op(x) if manip.grid_op is not None else x, y)
-        return self._get("changed", make)
+            store, manip, layer = self.store, self.manip, self.layer
+            return changed_of(store, manip, self.val, store.load(self.val, None, layer),
+                              store.load(self.val, manip, layer))[0]
+        return self._get("val_changed", make)
 
     @property
     def semantic(self) -> SemanticScorer:
@@ -272,6 +295,10 @@ def _target_scores(config: RunConfig, group: CellScorer, semantics: bool, n_exam
     and the images its figures show."""
     base = _row_base(config, group.manip, group.layer, "none", "target")
     rows, arrays = [], {}
+    # the edit's kind, for the claims: a local edit (its own region) is judged on the positions it changed
+    rows.append(row(base, "local_edit", float(group.local), len(group.test)))
+    rows.append(sample_rows(base, "changed_share", group.changed.double().mean(1).numpy(), config.bootstrap,
+                            config.seed))
     if semantics:
         rows += group.semantic.accuracy_rows(base, None, config.bootstrap, config.seed)
     if group.inverter is not None:
@@ -325,6 +352,9 @@ def _map_scores(config: RunConfig, group: CellScorer, cell: Cell, mapping: Mappi
     val_pred = torch.cat([mapping.predict(x_val[i:i + bs]) for i in range(0, len(x_val), bs)])
     rows.append(sample_rows(b, "val_cos_mean", METRICS.get("cos_mean").fn(val_pred, y_val).numpy(), config.bootstrap,
                             config.seed))
+    if group.local:  # a best map of a local edit is chosen on the changed positions of the validation photos
+        rows += finite_rows(b, "val_cos_changed_mean", cos_changed(val_pred, y_val, group.val_changed)[0].numpy(),
+                            config.bootstrap, config.seed)
     rows.append(row(b, "n_train_positions", n_fit * y_test.shape[2] * y_test.shape[3], n_fit))
     rows.append(row(b, "fit_seconds", fit_s, n_fit))
     rows.append(row(b, "n_params", mapping.n_params(), n_fit))
@@ -377,11 +407,12 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
     for manip, layer, cells in plan.groups():
         views = views_of(manip, parts)
         n_fit = len(views["train"])  # every map is fit on the training photos only
-        group = CellScorer(config, store, manip, layer, views["test"], inverters.get(layer), tails)
+        group = CellScorer(config, store, manip, layer, views["test"], inverters.get(layer), tails, views["val"])
         tested[manip.name] = views["test"]
         ident = group.identity() if group.cacheable() else None
         semantics = any(c.semantics for c in cells)
-        target = cache.get_or_compute(ident and {**ident, "target": semantics, "examples": n_examples},
+        target = cache.get_or_compute(ident and {**ident, "target": semantics, "examples": n_examples,
+                                                 "rows": "local_edit"},
                                       lambda: _target_scores(config, group, semantics, n_examples))
         rows += target["rows"]
         if group.inverter is not None:
@@ -395,7 +426,7 @@ def run_chapter(config: RunConfig, write: bool = True, inverters: dict[str, Inve
                 mapping = cls(options)
                 key = ident and {**ident, **_map_identity(mapping, data, cell), "spatial": cell.spatial,
                                  "semantics": cell.semantics, "images": mapping.name in cell.images,
-                                 "examples": n_examples}
+                                 "examples": n_examples, "rows": "val_cos_changed_mean"}
                 got = cache.get_or_compute(key, lambda: _map_scores(config, group, cell, mapping, data, n_fit,
                                                                     n_examples, timings, options.train))
                 rows += got["rows"]

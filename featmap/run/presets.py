@@ -80,12 +80,14 @@ PRESETS = {
               "mappings": "registry names (the global transformer map is the comparison the depth trend needs)",
               "learned_layers": "trained maps at every layer: the gap to the global map by depth needs three"}),
     "summary": Preset([], extra={
-        "tolerance_cos": (0.02, "claim 2: close when the paired interval of linear - best global lies above minus "
-                                "this (cos_mean)"),
-        "tolerance_top1": (0.05, "claim 2: the same for top-1 agreement with the true manipulated map"),
-        "tolerance_ssim": (0.02, "claim 2: the same for SSIM of the reconstructions (image space)"),
-        "min_effect_share": (0.1, "claim 1: the minimum gain over identity, as a share of identity's headroom "
-                                  "(1 - identity)")}),
+        "min_effect_share": (0.1, "claim 1: the minimum gain over the no-learning floor, as a share of its headroom "
+                                  "(1 - floor)"),
+        "nothing_left": (0.02, "claim 1: a floor this close to the ceiling 1 on validation photos leaves nothing to "
+                               "learn (set apart)"),
+        "tolerance_cos": (0.02, "claim 2: close when the paired interval of linear - best valid global lies above "
+                                "minus this (cos_mean; cos_changed_mean on local edits)"),
+        "tolerance_ssim": (0.02, "claim 2: the same for SSIM of the reconstructions, where the judge can see"),
+        "tolerance_jsd": (0.02, "semantic consistency: the same for the Jensen-Shannon divergence in bits")}),
 }
 
 

@@ -49,7 +49,7 @@ bench: $(STAMP)
 # make book JOBS=1 runs them one after another), each with cores / JOBS torch threads; summary and intro run last.
 book: $(STAMP)
 	rm -rf $(STAGE) && mkdir -p $(STAGE)/book
-	cp _config.yml _toc.yml $(STAGE)/ && cp -r book/_ext $(STAGE)/book/
+	cp _config.yml _toc.yml $(STAGE)/ && cp -r book/_ext $(STAGE)/book/ && cp book/*.md $(STAGE)/book/
 	$(BIN)/python -m featmap book $(STAGE) $(NOTEBOOKS) $(if $(JOBS),--jobs $(JOBS)) --json _build/book-timings.json
 	$(BIN)/jupyter-book build $(STAGE) --path-output . --warningiserror --keep-going
 	@echo "book: $(CURDIR)/_build/html/index.html"

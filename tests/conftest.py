@@ -147,6 +147,11 @@ def _small_book_probe():
                   "figure": id(self.figure), "axes": len(self.figure.axes)}
         try:
             record["legends"] = legends(self.figure)
+            record["width"], record["height"] = [float(v) for v in self.figure.get_size_inches()]
+            sizes = [(t.get_fontsize(), t.get_text()) for t in self.figure.findobj(
+                lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text")) if t.get_visible()
+                and t.get_text().strip()]
+            record["smallest_text"] = min(sizes) if sizes else None
         except Exception as error:  # the probe must never break a figure: say what went wrong instead
             record["error"] = repr(error)
         with open(_os.environ["SMALL_BOOK_FIGURES"], "a") as f:

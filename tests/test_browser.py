@@ -124,6 +124,22 @@ PAGE_FACTS = """async (logText) => {
     }
     return false;
   };
+  // Figures shown smaller than drawn shrink their text; tables wider than their box hide columns.
+  const figures = imgs.filter(i => i.closest('.cell_output') && i.naturalWidth > 0)
+    .map(i => ({src: (i.currentSrc || i.src).split('/').pop(), natural: i.naturalWidth,
+                shown: Math.round(i.getBoundingClientRect().width)}));
+  // A table fits the column, or sits in a box of its own that fits and scrolls sideways; anything else is clipped.
+  const scroller = e => {
+    for (let a = e.parentElement; a && a !== article; a = a.parentElement) {
+      if (['auto', 'scroll'].includes(getComputedStyle(a).overflowX)) { return a; }
+    }
+    return null;
+  };
+  const tables = [...article.querySelectorAll('.cell_output table, .output table')]
+    .map(t => { const box = scroller(t) || t;
+                return {text: t.textContent.trim().slice(0, 60), width: Math.round(box.getBoundingClientRect().width),
+                        right: box.getBoundingClientRect().right, scrolls: box !== t}; })
+    .filter(t => t.right > right + 1);
   const wide = overflow.length ? [...article.querySelectorAll('*')]
     .filter(e => e.getBoundingClientRect().right > right + 1 && !scrollsOnItsOwn(e))
     .slice(0, 5).map(e => describe(e) + ` (${Math.round(e.getBoundingClientRect().width)} px)`) : [];
@@ -154,7 +170,7 @@ PAGE_FACTS = """async (logText) => {
                       .map(e => e.textContent.trim().slice(0, 200)),
     stderr: [...document.querySelectorAll('.stderr, .output_stderr')].map(e => e.textContent.trim().slice(0, 160)),
     logLines,
-    overflow, wide,
+    overflow, wide, figures, tables,
     folds,
     findings: {present: !!findings, shown: shown(findings),
                beforeFirstInput: !!findings && (!firstInput
@@ -281,6 +297,23 @@ def test_no_horizontal_overflow(visits):
         for box in v["facts"]["overflow"]:
             problems.append(f"{name}: {box['box']} is {box['scrollWidth']} px wide in {box['clientWidth']} px"
                             + (f"; too wide: {', '.join(v['facts']['wide'])}" if v["facts"]["wide"] else ""))
+    _fail_if(problems)
+
+
+MIN_FIGURE_SCALE = 0.9  # a figure shown at less than this share of its drawn width has text under its set size
+
+
+@needs_chromium
+def test_figures_are_shown_at_their_size_and_tables_fit(visits):
+    """Legible at a glance: no figure is shrunk to fit the page (its text would fall under the size it was drawn
+    at), and every table fits the content column or scrolls sideways in a box that does (never clipped: a reader
+    would miss its right-hand columns)."""
+    problems = []
+    for name, v in visits.items():
+        problems += [f"{name}: figure {f['src']} drawn {f['natural']} px wide, shown at {f['shown']} px"
+                     for f in v["facts"]["figures"] if f["shown"] < MIN_FIGURE_SCALE * f["natural"]]
+        problems += [f"{name}: table {t['text']!r} ({'its scroll box ' if t['scrolls'] else ''}{t['width']} px) "
+                     "runs past the content column" for t in v["facts"]["tables"]]
     _fail_if(problems)
 
 

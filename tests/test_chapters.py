@@ -157,13 +157,16 @@ def test_the_summary_reads_every_results_table(small_book):
             f"the summary states no verdict for claim {claim}"
 
 
-MAX_LEGEND_ENTRIES = 8  # issue 15: at most about eight series per panel
+MAX_LEGEND_ENTRIES = 8  # at most about eight series per panel
+PAGE_WIDTH = 8.6  # inches: a figure shown at the page's width keeps its own size (plots.PAGE_WIDTH, and rounding)
+SMALLEST_TEXT = 9  # points: at least the book's footnote size
 
 
 def test_figures_have_few_legend_entries_and_legends_clear_of_titles(small_book):
-    """Figures a person can read (issue 15). The pages hold PNGs, so the figures are checked as the small book's
-    kernels render them (conftest.FIGURE_PROBE): every legend of every figure the chapters draw, whichever function
-    draws it, has at most eight entries, and no legend box covers a panel title or the figure's title."""
+    """Figures a person can read. The pages hold PNGs, so the figures are checked as the small book's kernels render
+    them (conftest.FIGURE_PROBE): every figure the chapters draw, whichever function draws it, is at most as wide as
+    the page (so it is never shrunk), holds no text under 9 points, and every legend has at most eight entries and
+    covers no panel title or the figure's title."""
     figures = small_book.figures()
     drawn = {r["page"] for r in figures}
     with_images = {p for p in small_book.pages if small_book.is_notebook(p) and any(
@@ -180,6 +183,11 @@ def test_figures_have_few_legend_entries_and_legends_clear_of_titles(small_book)
                 problems.append(f"{where}: {legend['legend']} has {legend['entries']} entries (at most "
                                 f"{MAX_LEGEND_ENTRIES}): {', '.join(legend['labels'])}")
             problems += [f"{where}: {legend['legend']} covers the title {title!r}" for title in legend["covers"]]
+        if r.get("width", 0) > PAGE_WIDTH:
+            problems.append(f"{where}: {r['width']:.1f} inches wide, more than the page's {PAGE_WIDTH}")
+        if r.get("smallest_text") and r["smallest_text"][0] < SMALLEST_TEXT:
+            problems.append(f"{where}: text of {r['smallest_text'][0]:g} points ({r['smallest_text'][1][:40]!r}), "
+                            f"under {SMALLEST_TEXT}")
     assert not problems, f"{len(problems)} problem(s) in {len(figures)} figures:\n" + "\n".join(problems)
 
 

@@ -242,6 +242,7 @@ class SplitEdit:
         first = next(iter(self.parts.values()))
         self.name, self.params, self.random = first.name, first.params, first.random
         self.control = bool(getattr(first, "control", False))
+        self.made_by, self.needs_mask = first.made_by, first.needs_mask
         self._part_of = {v.key: part for part, views in parts.items() for v in views}
         self.usable = {part: edit.usable(parts[part], seed) for part, edit in self.parts.items()}
 

@@ -145,6 +145,7 @@ def load_pipeline(kind: str, weights: str | None = None, device: str | None = No
 
 
 class GenerativeEdit(SemanticEdit):
+    made_by = "neural network (generative editor)"
     """A diffusers edit of one image by a prompt, seeded per (seed, item); ``inpaint`` edits the object
     mask only (the rest of the image is kept exactly)."""
 

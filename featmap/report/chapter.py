@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import HTML
 
-from featmap.core.table import comparable_rows
+from featmap.core.table import absent_metrics, comparable_rows
 from featmap.maps.base import GLOBAL_MAPS
 from featmap.report import claims
 from featmap.report.geometry import RANDOM_SUFFIX, geometry_table
@@ -169,39 +169,116 @@ def key_findings(table: pd.DataFrame, **kwargs) -> HTML:
     return findings_block(findings_lines(table, **kwargs))
 
 
-def plot_maps(table: pd.DataFrame, metric: str = "cos_mean", maps: tuple[str, ...] = MAIN_MAPS,
-              height: float = 2.9):
-    """Returns a figure, one panel per layer: test ``metric`` per edit for up to eight maps, each in the edit's
-    comparable spatial mode (geometric edits after the grid rotation/flip), with 95% intervals."""
-    data = comparable_rows(table[(table["metric"] == metric) & table["mapping"].isin(maps)])
-    if data.empty:
-        raise ValueError(f"no {metric} rows for the maps {', '.join(maps)}")
-    layers = list(dict.fromkeys(data["layer"]))
-    manips = list(dict.fromkeys(data["manipulation"]))
-    present = [m for m in maps if m in set(data["mapping"])]
-    fig, axes = plt.subplots(1, len(layers), figsize=(max(3.2, 0.55 * len(manips) + 1.2) * len(layers) + 1.8, height),
-                             sharey=True, squeeze=False)
-    width = 0.8 / len(present)
-    for ax, layer in zip(axes[0], layers):
-        d = data[data["layer"] == layer]
-        for i, name in enumerate(present):
-            m = d[d["mapping"] == name].set_index("manipulation").reindex(manips)
-            x = np.arange(len(manips)) - 0.4 + width * (i + 0.5)
-            err = np.vstack([m["value"] - m["ci_low"], m["ci_high"] - m["value"]]).clip(min=0)
-            ax.errorbar(x, m["value"], yerr=np.nan_to_num(err), fmt="o", ms=3.5, capsize=1.5,
-                        color=MAP_COLOURS.get(name, "0.3"), label=name)
-        ax.set_xticks(range(len(manips)), manips, rotation=40, ha="right", fontsize=8)
-        ax.set_title(layer, fontsize=10)
-        ax.spines[["top", "right"]].set_visible(False)
-    axes[0][0].set_ylabel(f"{metric} on test photos (95% CI)")
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    by_label = dict(zip(labels, handles))
-    for ax in axes[0]:
-        h, lab = ax.get_legend_handles_labels()
-        by_label.update(zip(lab, h))
-    axes[0][-1].legend([by_label[n] for n in present if n in by_label], [n for n in present if n in by_label],
-                       loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=8)
+FIGURE_WIDTH = 8.5  # inches: the page's text width at the book's default zoom, so text stays at its set size
+FONT = 10           # points: at least the body text's footnote size when the figure is shown at page width
+
+
+def _dot_rows(ax, frame: pd.DataFrame, rows: list[str], series: list[tuple[str, str, str]], value: str = "value"):
+    """Draws one row per entry of ``rows`` (frame column ``row``), a dot with its 95% interval per series
+    (label, frame key in ``series_col``, colour); returns the legend handles."""
+    step = 0.8 / max(len(series), 1)
+    handles = []
+    for i, (label, key, colour) in enumerate(series):
+        d = frame[frame["series"] == key].set_index("row").reindex(rows)
+        y = np.arange(len(rows)) - 0.4 + step * (i + 0.5)
+        err = np.vstack([d[value] - d["ci_low"], d["ci_high"] - d[value]]).clip(min=0)
+        handles.append(ax.errorbar(d[value], y, xerr=np.nan_to_num(err), fmt="o", ms=5, capsize=2, color=colour,
+                                   label=label, lw=1))
+    ax.set_yticks(range(len(rows)), rows, fontsize=FONT)
+    ax.invert_yaxis()
+    ax.tick_params(axis="x", labelsize=FONT)
+    ax.grid(axis="x", color="0.9")
+    ax.spines[["top", "right"]].set_visible(False)
+    return handles
+
+
+def _figure(n_rows: int):
+    fig, ax = plt.subplots(figsize=(FIGURE_WIDTH, 1.3 + 0.42 * n_rows))
+    return fig, ax
+
+
+def _legend(fig, ax, handles, ncol: int):
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=ncol, frameon=False, fontsize=FONT)
     fig.tight_layout()
+
+
+def deepest_trained_layer(table: pd.DataFrame) -> str:
+    """Returns the deepest layer where trained maps ran (else the deepest layer of the table)."""
+    trained = table[table["metric"] == "steps"]
+    layers = list(dict.fromkeys(table["layer"]))
+    return list(dict.fromkeys(trained["layer"]))[-1] if len(trained) else layers[-1]
+
+
+def plot_maps(table: pd.DataFrame, metric: str = "cos_mean", layer: str | None = None,
+              maps: tuple[str, ...] = ("identity", "linear", "mlp", "cnn", "transformer", "transformer_pe")):
+    """Returns one figure with one message, how close each map comes to the true edited map: per edit (a row), test
+    ``metric`` of ``maps`` at ``layer`` (default: the deepest layer where trained maps ran), each edit in its
+    comparable mode (geometric edits after the grid rotation/flip), with 95% intervals."""
+    layer = layer or deepest_trained_layer(table)
+    data = comparable_rows(table[(table["metric"] == metric) & table["mapping"].isin(maps) & (table["layer"] == layer)])
+    if data.empty:
+        raise ValueError(f"no {metric} rows of {', '.join(maps)} at {layer}")
+    rows = list(dict.fromkeys(data["manipulation"]))
+    frame = data.assign(row=data["manipulation"], series=data["mapping"])
+    fig, ax = _figure(len(rows))
+    present = [m for m in maps if m in set(data["mapping"])]
+    handles = _dot_rows(ax, frame, rows, [(m, m, MAP_COLOURS.get(m, "0.3")) for m in present])
+    ax.set_xlabel(f"{metric} on test photos at {layer} (95% interval)", fontsize=FONT)
+    _legend(fig, ax, handles, ncol=min(len(present), 6))
+    return fig
+
+
+def plot_grid_floor(table: pd.DataFrame, layer: str | None = None):
+    """Returns the geometric chapter's figure: per geometric edit, test cos_mean of the identity floor and the shared
+    linear map on the raw grid and after the grid rotation or flip, and of the better global map learning the move on
+    the raw grid where it ran (the positive control), at ``layer`` (default: the deepest with trained maps)."""
+    layer = layer or deepest_trained_layer(table)
+    d = table[(table["family"] == "geometric") & (table["metric"] == "cos_mean") & (table["layer"] == layer)]
+    parts = [("identity, raw grid", "identity", "none", "#bbbbbb"), ("linear, raw grid", "linear", "none", "#f0b3a0"),
+             ("identity after the grid op", "identity", "applied", "0.35"),
+             ("linear after the grid op", "linear", "applied", MAP_COLOURS["linear"])]
+    frames = [d[(d["mapping"] == m) & (d["spatial"] == s)].assign(series=label) for label, m, s, _ in parts]
+    learned = d[(d["spatial"] == "learned") & d["mapping"].isin(GLOBAL_MAPS)]
+    if len(learned):
+        best = learned.sort_values("value").drop_duplicates("manipulation", keep="last")
+        frames.append(best.assign(series="best global map, raw grid"))
+        parts.append(("best global map, raw grid", "", "", MAP_COLOURS["transformer_pe"]))
+    frame = pd.concat(frames, ignore_index=True)
+    if frame.empty:
+        raise ValueError(f"no geometric cos_mean rows at {layer}")
+    rows = list(dict.fromkeys(frame["manipulation"]))
+    fig, ax = _figure(len(rows))
+    handles = _dot_rows(ax, frame.assign(row=frame["manipulation"]), rows,
+                        [(label, label, colour) for label, _, _, colour in parts])
+    ax.set_xlabel(f"cos_mean on test photos at {layer} (95% interval)", fontsize=FONT)
+    _legend(fig, ax, handles, ncol=3)
+    return fig
+
+
+def plot_changed_region(table: pd.DataFrame, layer: str | None = None,
+                        maps: tuple[str, ...] = ("identity", "linear", "transformer_pe")):
+    """Returns the local edits' figure: per local edit (one that names its region: a painted square, an object
+    mask), the whole-map score (cos_mean, hollow) against the score on the positions the edit changed
+    (cos_changed_mean, filled) for ``maps`` at ``layer``: the whole map dilutes what a map learns about the changed
+    region."""
+    layer = layer or deepest_trained_layer(table)
+    local = table[(table["mapping"] == "target") & (table["metric"] == "local_edit") & (table["value"] == 1)]
+    d = comparable_rows(table[table["metric"].isin(["cos_mean", "cos_changed_mean"]) & table["mapping"].isin(maps)
+                              & (table["layer"] == layer) & table["manipulation"].isin(set(local["manipulation"]))])
+    if d.empty:
+        raise ValueError(f"no cos_mean rows at {layer}")
+    rows = list(dict.fromkeys(d["manipulation"]))
+    fig, ax = _figure(len(rows))
+    present = [m for m in maps if m in set(d["mapping"])]
+    series = [(f"{m} ({'changed region' if metric == 'cos_changed_mean' else 'whole map'})", f"{m}|{metric}",
+               MAP_COLOURS.get(m, "0.3")) for m in present for metric in ("cos_mean", "cos_changed_mean")]
+    frame = d.assign(row=d["manipulation"], series=d["mapping"] + "|" + d["metric"])
+    handles = _dot_rows(ax, frame, rows, series)
+    for h, (_, key, _) in zip(handles, series):
+        if key.endswith("|cos_mean"):
+            h[0].set_markerfacecolor("white")
+    ax.set_xlabel(f"cosine on test photos at {layer} (95% interval)", fontsize=FONT)
+    _legend(fig, ax, handles, ncol=2)
     return fig
 
 
@@ -219,9 +296,11 @@ def wide(table: pd.DataFrame, metric: str, comparable: bool = True) -> pd.DataFr
     return out[order + [c for c in out.columns if c not in order]].reset_index()
 
 
-def show(frame: pd.DataFrame, digits: int = 3):
-    """Returns ``frame`` styled for a page: rounded, no index column."""
-    return frame.round(digits).style.hide(axis="index").format(precision=digits)
+def show(frame: pd.DataFrame, digits: int = 3) -> HTML:
+    """Returns ``frame`` as a page shows a table: rounded, no index column, in a box that scrolls sideways when the
+    table is wider than the page's column (never clipped)."""
+    styled = frame.round(digits).style.hide(axis="index").format(precision=digits)
+    return HTML(f'<div class="table-scroll" style="overflow-x: auto; max-width: 100%">{styled.to_html()}</div>')
 
 
 def run_summary(result) -> str:
@@ -292,6 +371,29 @@ def family_geometry(families: pd.DataFrame) -> pd.DataFrame:
                             sort=False).reset_index()
 
 
+def backbone_findings(per_backbone: dict[str, pd.DataFrame], depth: dict[str, claims.Claim]) -> list[str]:
+    """Returns the backbones chapter's key findings: per network, claim 3b's headline (its rule, counts and test
+    photos), claims 1 and 2 on its cases, and how its global maps converged; a verdict the chapter cannot reach says
+    why."""
+    lines = []
+    for backbone, t in per_backbone.items():
+        c1, c2 = claims.claim_feasible(t), claims.claim_close(t, {"cos_mean": 0.02})
+        lines.append(f"**{backbone}**: claim 3b (linear sufficiency grows with depth) {depth[backbone].verdict}; "
+                     f"claim 1 {c1.verdict} ({c1.counted()}); claim 2 {c2.verdict} ({c2.counted()}).")
+        lines.append(depth[backbone].headline().replace("**", ""))
+        lines += [f"{backbone}: {line}" for line in convergence_lines(t)[:2]]
+    return lines
+
+
+def image_metrics_note(chapter: str) -> str:
+    """Returns which image metrics ``chapter``'s table lacks and why, as recorded when it was computed (markdown),
+    or that every one ran."""
+    absent = absent_metrics(chapter)
+    if absent:
+        return "\n".join(f"- `{k}` rows are absent: {why}." for k, why in absent.items())
+    return "Every image metric ran."
+
+
 def paper_quotes(found: list[claims.Claim]) -> str:
     """Returns the paper's own sentence for each claim, quoted apart and labelled as the paper's (markdown)."""
     return "\n\n".join(f"> **The paper, claim {c.claim}:** \"{claims.STATEMENTS[c.claim]}\"" for c in found)
@@ -348,14 +450,17 @@ def geometry_medians(c: claims.Claim) -> pd.DataFrame:
 
 
 def edits_used(manipulations) -> pd.DataFrame:
-    """Returns per semantic edit: the views each split part could edit honestly, how many were left out and why
-    (the edits' own skip reasons, counted by kind)."""
+    """Returns per semantic edit: what makes it (a neural network or classical image processing), where it acts
+    (the object, the whole photo, or another photo's pixels: a control), the views each split part could edit
+    honestly, how many were left out and why (the edits' own skip reasons, counted by kind)."""
     rows = []
     for m in manipulations:
         if not hasattr(m, "usable"):
             continue
         kinds = pd.Series(list(m.skip_kinds().values()), dtype=str).value_counts()
-        rows.append({"edit": m.name, **{part: len(v) for part, v in m.usable.items()}, "left out": len(m.skipped),
+        where = "another photo's pixels (control)" if m.control else "the object" if m.needs_mask else "the whole photo"
+        rows.append({"edit": m.name, "made by": m.made_by, "acts on": where,
+                     **{part: len(v) for part, v in m.usable.items()}, "left out": len(m.skipped),
                      "why": "; ".join(f"{k} ({n})" for k, n in kinds.items()) or "-"})
     return pd.DataFrame(rows)
 

@@ -8,19 +8,30 @@ import seaborn as sns
 
 from featmap.core.table import comparable_rows
 
+# Every figure is drawn at most as wide as the page's text column (shown at its own size, never shrunk) with text of
+# at least SMALLEST points: the book's footnote size when the figure is shown at page width.
+PAGE_WIDTH = 8.5  # inches
+SMALLEST = 9      # points
 
-def plot_examples(examples: list[tuple[str, list[tuple[str, np.ndarray]]]], scale: float = 1.6):
-    """Returns a figure: one row per photo, original then each manipulated version."""
-    n_rows, n_cols = len(examples), max(len(p) for _, p in examples)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(scale * n_cols, scale * n_rows + 0.3), squeeze=False)
-    for r, (photo_id, panels) in enumerate(examples):
+
+def plot_examples(examples: list[tuple[str, list[tuple[str, np.ndarray]]]], per_row: int = 6):
+    """Returns a figure: per photo, the original then each manipulated version, wrapped ``per_row`` panels to a row
+    so that the page's width holds them at a readable size."""
+    rows = []
+    for photo_id, panels in examples:
+        for start in range(0, len(panels), per_row):
+            rows.append((photo_id if start == 0 else "", panels[start:start + per_row]))
+    side = PAGE_WIDTH / per_row
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(PAGE_WIDTH, (side + 0.35) * len(rows)), squeeze=False)
+    for r, (photo_id, panels) in enumerate(rows):
         for c, ax in enumerate(axes[r]):
             ax.axis("off")
             if c < len(panels):
                 ax.imshow(panels[c][1])
-                ax.set_title(panels[c][0], fontsize=7)
-        axes[r][0].text(-0.05, 0.5, photo_id.split("/")[-1], transform=axes[r][0].transAxes, rotation=90,
-                        ha="right", va="center", fontsize=7)
+                ax.set_title(panels[c][0], fontsize=SMALLEST)
+        if photo_id:
+            axes[r][0].text(-0.05, 0.5, photo_id.split("/")[-1][:18], transform=axes[r][0].transAxes, rotation=90,
+                            ha="right", va="center", fontsize=SMALLEST)
     fig.tight_layout()
     return fig
 
@@ -43,16 +54,17 @@ def plot_cost(table: pd.DataFrame, metric: str = "cos_mean", layer: str | None =
         if needed not in wide:
             raise ValueError(f"no {needed!r} rows at layer {layer}")
     means = wide.groupby("map")[[metric, "n_params", "fit_seconds"]].mean()
-    fig, axes = plt.subplots(1, 2, figsize=(2 * height * 1.4, height), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, height), sharey=True)
     palette = dict(zip(means.index, sns.color_palette("colorblind", len(means))))
     for ax, x, label in ((axes[0], "n_params", "parameters"), (axes[1], "fit_seconds", "fit time (s)")):
         for name, r in means.iterrows():
             ax.scatter(max(r[x], 1e-3 if x == "fit_seconds" else 1), r[metric], color=palette[name], s=40)
-            ax.annotate(name, (max(r[x], 1e-3 if x == "fit_seconds" else 1), r[metric]), fontsize=7,
+            ax.annotate(name, (max(r[x], 1e-3 if x == "fit_seconds" else 1), r[metric]), fontsize=SMALLEST,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_xlabel(f"{label} (log scale)")
-    axes[0].set_ylabel(f"mean test {metric} at {layer}")
+        ax.set_xlabel(f"{label} (log scale)", fontsize=10)
+        ax.tick_params(labelsize=SMALLEST)
+    axes[0].set_ylabel(f"mean test {metric} at {layer}", fontsize=10)
     fig.suptitle(f"Quality against cost, averaged over manipulations ({layer})", fontsize=10)
     fig.tight_layout()
     return fig
@@ -67,12 +79,15 @@ def plot_by_layer(table: pd.DataFrame, metrics: list[str], mapping: str = "linea
         raise ValueError(f"no rows for mapping {mapping!r} and metrics {metrics}")
     data["depth"] = data["layer"].map({layer: i for i, layer in enumerate(order)})
     grid = sns.relplot(data=data, x="depth", y="value", hue="backbone", style="family", col="metric",
-                       col_order=[m for m in metrics if m in set(data["metric"])], col_wrap=min(3, len(metrics)),
-                       kind="line", errorbar="sd", height=height, facet_kws={"sharey": False}, markers=True)
+                       col_order=[m for m in metrics if m in set(data["metric"])], col_wrap=min(2, len(metrics)),
+                       kind="line", errorbar="sd", height=height, aspect=1.2, facet_kws={"sharey": False},
+                       markers=True)
     for ax in grid.axes.flat:
         ax.set_xticks(range(len(order)))
-        ax.set_xticklabels(order, rotation=45, ha="right", fontsize=7)
+        ax.set_xticklabels(order, rotation=45, ha="right", fontsize=SMALLEST)
+        ax.tick_params(labelsize=SMALLEST)
         ax.set_xlabel("")
+    _fit_width(grid)
     return grid
 
 
@@ -85,49 +100,57 @@ def plot_truncation(table: pd.DataFrame, height: float = 2.6):
     trunc["k"] = trunc["mapping"].str.removeprefix("linear_rank").astype(int)
     order = list(dict.fromkeys(table["layer"]))
     grid = sns.relplot(data=trunc, x="k", y="value", hue="backbone", style="family", col="layer", col_order=order,
-                       col_wrap=min(4, len(order)), kind="line", errorbar=None, height=height, markers=True)
+                       col_wrap=min(3, len(order)), kind="line", errorbar=None, height=height, markers=True)
     full = table[(table["mapping"] == "linear") & (table["metric"] == "cos_mean")]
     for layer, ax in zip(order, grid.axes.flat):
         ax.set_xscale("log", base=2)
         for backbone, d in full[full["layer"] == layer].groupby("backbone"):
             ax.axhline(d["value"].mean(), color="0.6", lw=0.8, ls="--")
     grid.set_axis_labels("k (directions of W - I kept)", "test cos_mean")
+    for ax in grid.axes.flat:
+        ax.tick_params(labelsize=SMALLEST)
+    _fit_width(grid)
     return grid
 
 
-def plot_gaps(cases: pd.DataFrame, tolerances: dict[str, float], height: float = 3.0):
-    """Returns a figure, one panel per metric: the linear map minus the better global map per (manipulation,
-    layer) with its 95% paired interval, coloured by family; the dashed line is minus the tolerance.
+def plot_gaps(cases: pd.DataFrame, tolerances: dict[str, float], height_per_case: float = 0.32):
+    """Returns a figure, one panel per metric stacked down the page: per case (edit and layer, a row) the linear map
+    minus the harder global map with its 95% paired interval, coloured by family; the dashed line is minus the
+    tolerance, left of it "not close".
 
-    ``cases``: ``claims.claim_linear_close`` rows stacked with a ``metric`` column.
+    ``cases``: ``claims.claim_close`` cases (one row per case and metric).
     """
     metrics = list(dict.fromkeys(cases["metric"]))
     if not metrics:
         raise ValueError("no gap rows to plot (the linear map and a global map never ran on the same case)")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(height * 1.9 * len(metrics), height + 1.2), squeeze=False)
+    sizes = [int((cases["metric"] == m).sum()) for m in metrics]
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(PAGE_WIDTH, 0.9 * len(metrics) + height_per_case * sum(sizes)),
+                             squeeze=False, gridspec_kw={"height_ratios": [max(n, 2) for n in sizes]})
     families = list(dict.fromkeys(cases["family"]))
     palette = dict(zip(families, sns.color_palette("colorblind", len(families))))
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes[:, 0], metrics):
         d = cases[cases["metric"] == metric].reset_index(drop=True)
-        labels = d["manipulation"] + " " + d["layer"]
         for fam in families:
             f = d[d["family"] == fam]
             err = np.vstack([f["gap"] - f["ci_low"], f["ci_high"] - f["gap"]]).clip(min=0)
-            ax.errorbar(f.index, f["gap"], yerr=np.nan_to_num(err), fmt="o", ms=4, capsize=2, color=palette[fam],
+            ax.errorbar(f["gap"], f.index, xerr=np.nan_to_num(err), fmt="o", ms=4, capsize=2, color=palette[fam],
                         label=fam)
-        ax.axhline(0, color="0.5", lw=0.8)
-        ax.axhline(-tolerances[metric], color="0.3", lw=0.8, ls="--")
-        ax.set_xticks(range(len(d)))
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"{metric}: linear - best global", fontsize=9)
-    axes[0][0].legend(fontsize=7, frameon=False)
+        ax.axvline(0, color="0.5", lw=0.8)
+        ax.axvline(-tolerances[metric], color="0.3", lw=0.8, ls="--")
+        ax.set_yticks(range(len(d)), d["manipulation"] + " " + d["layer"], fontsize=SMALLEST)
+        ax.invert_yaxis()
+        ax.tick_params(axis="x", labelsize=SMALLEST)
+        ax.set_title(f"{metric}: linear minus the harder valid global map", fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0][0].legend(fontsize=SMALLEST, frameon=False, loc="lower right")
     fig.tight_layout()
     return fig
 
 
-def plot_reconstructions(reconstructions: dict, n_photos: int = 1, scale: float = 1.3):
+def plot_reconstructions(reconstructions: dict, n_photos: int = 1):
     """Returns a figure: one row per (manipulation, layer) and test photo; columns the original, the manipulated
-    image, the inverter's image of the true manipulated map ("target") and of each map's prediction.
+    image, the inverter's image of the true manipulated map ("target") and of each map's prediction, sized to the
+    page's width.
 
     ``reconstructions``: ``RunResult.reconstructions`` ((manipulation, layer) -> {panel: uint8 (n, S, S, 3)}).
     """
@@ -136,16 +159,17 @@ def plot_reconstructions(reconstructions: dict, n_photos: int = 1, scale: float 
     rows = [(key, panels, i) for key, panels in reconstructions.items()
             for i in range(min(n_photos, len(panels["original"])))]
     n_cols = max(len(panels) for _, panels, _ in rows)
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(scale * n_cols, scale * len(rows) + 0.4), squeeze=False)
+    side = PAGE_WIDTH / (n_cols + 0.3)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(PAGE_WIDTH, (side + 0.5) * len(rows)), squeeze=False)
     for r, ((manip, layer), panels, i) in enumerate(rows):
         for c, ax in enumerate(axes[r]):
             ax.axis("off")
             if c < len(panels):
                 name = list(panels)[c]
                 ax.imshow(panels[name][i])
-                ax.set_title(name, fontsize=6)
+                ax.set_title(name.replace(" (", "\n("), fontsize=SMALLEST)
         axes[r][0].text(-0.08, 0.5, f"{manip}\n{layer}", transform=axes[r][0].transAxes, rotation=90,
-                        ha="right", va="center", fontsize=6)
+                        ha="right", va="center", fontsize=SMALLEST)
     fig.tight_layout()
     return fig
 
@@ -199,8 +223,7 @@ def plot_by_depth(table: pd.DataFrame, metric: str = "cos_mean", mappings: tuple
     if data.empty:
         raise ValueError(f"no {metric} rows of {', '.join(mappings)} to plot")
     backbones = list(dict.fromkeys(data["backbone"]))
-    fig, axes = plt.subplots(1, len(backbones), figsize=(3.6 * len(backbones) + 1.6, height), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(backbones), figsize=(PAGE_WIDTH, height), sharey=True, squeeze=False)
     order = list(dict.fromkeys(data["depth"]))
     for ax, backbone in zip(axes[0], backbones):
         d = data[data["backbone"] == backbone]
@@ -213,7 +236,7 @@ def plot_by_depth(table: pd.DataFrame, metric: str = "cos_mean", mappings: tuple
         ax.set_xlabel("relative depth (layer)")
         ax.spines[["top", "right"]].set_visible(False)
     axes[0][0].set_ylabel(f"test {metric} (mean over edits)")
-    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    axes[0][0].legend(loc="lower left", bbox_to_anchor=(0, 1.08), ncol=len(mappings), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -251,20 +274,29 @@ def plot_headline(families: pd.DataFrame, metric: str = "cos_mean",
     return fig
 
 
-def plot_best_worst(examples: list[tuple[str, list[tuple[str, np.ndarray]]]], scale: float = 1.5):
+def plot_best_worst(examples: list[tuple[str, list[tuple[str, np.ndarray]]]]):
     """Returns a figure, one row per edit: the test photo where a map does best (original, edited) and the one
-    where it does worst (original, edited), the score in the titles; ``examples`` as ``run.chapter.best_and_worst``
+    where it does worst (original, edited), the score in the titles; ``examples`` as ``report.panels.best_and_worst``
     gives them (best then worst for each edit)."""
     rows = [(examples[i], examples[i + 1]) for i in range(0, len(examples) - 1, 2)]
     if not rows:
         raise ValueError("no per-photo scores to show")
-    fig, axes = plt.subplots(len(rows), 4, figsize=(4 * scale + 0.6, scale * len(rows) + 0.4), squeeze=False)
+    side = PAGE_WIDTH / 4.2
+    fig, axes = plt.subplots(len(rows), 4, figsize=(PAGE_WIDTH, (side + 0.6) * len(rows)), squeeze=False)
     for r, (best, worst) in enumerate(rows):
         for c, (_, panels) in enumerate((best, worst)):
             for k, (title, image) in enumerate(panels[:2]):
                 ax = axes[r][2 * c + k]
                 ax.imshow(image)
-                ax.set_title(title if k else ("best" if c == 0 else "worst") + ": original", fontsize=7)
+                ax.set_title(title if k else ("best" if c == 0 else "worst") + ": original", fontsize=SMALLEST)
                 ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def _fit_width(grid) -> None:
+    """Scales a seaborn grid's figure down to the page's width (its fonts are set in points, so they stay)."""
+    w, h = grid.figure.get_size_inches()
+    if w > PAGE_WIDTH:
+        grid.figure.set_size_inches(PAGE_WIDTH, h * PAGE_WIDTH / w)
+        grid.figure.tight_layout()

@@ -77,8 +77,11 @@ class Plan:
         for manip in manipulations:
             for layer in layers:
                 for spatial in spatial_modes(manip, config.spatial, tuple(config.control_edits)):
+                    # a partner-based control shows what "not learnable" looks like with the closed-form maps; its
+                    # target is not a function of the photo, so trained maps would only cost their training
                     maps = tuple(c for c in classes if applies(c, manip, spatial)
-                                 and (not c.learned or config.trains_on(layer)))
+                                 and (not c.learned or (config.trains_on(layer) and not getattr(manip, "control",
+                                                                                                 False))))
                     if spatial == "learned" and "learned" not in config.spatial:  # the positive control only
                         maps = tuple(c for c in maps if c.name in GLOBAL_MAPS)
                     cell = Cell(manip, layer, spatial, maps, semantics and config.scores_semantics_on(layer), ())

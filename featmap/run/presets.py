@@ -65,9 +65,10 @@ PRESETS = {
         ["manipulations", "backbone", "layers", "images", "max_images", "test_fraction", "val_fraction", "mappings",
          "learned_layers", "map_size", "start", "max_steps", "patience", "eval_every", "plateau_steps", "max_epochs",
          "lr", "train_batch", "train_views", "seed", "batch_size", "device", "threads", "bootstrap", "cache_dir"],
-        {"manipulations": ["rotation_90", "mirror_h", "grayscale", "hue_shift_60", "mask_big_square_center"],
+        {"manipulations": ["rotation_90", "grayscale", "mask_big_square_center"],
          "max_images": 100, "test_fraction": 0.4, "train_views": 1, "learned_layers": "all", "image_layers": [],
-         "bootstrap": 500, "train_batch": 8, "mappings": ["identity", "additive", "linear", "transformer"]},
+         "bootstrap": 500, "train_batch": 8, "map_size": "tiny",
+         "mappings": ["identity", "additive", "linear", "transformer"]},
         extra={"second_backbone": ("dinov2_small", "the transformer: DINOv2 ViT-S/14 (offline weights; no classifier "
                                                    "head)"),
                "second_layers": (["blocks.3", "blocks.7", "blocks.11"], "its layers at the same relative depths "
@@ -77,6 +78,9 @@ PRESETS = {
                                "photos",
               "train_batch": "trained maps: pairs per step (8: a step at Lite0 blocks.2 holds 6,272 tokens of "
                              "attention)",
+              "manipulations": "one edit per family: the depth trend is decided per edit and network",
+              "map_size": "the global map at every depth: tiny (one attention layer of width 32) trains to "
+                          "convergence at 784 tokens on a CPU core; small or reference on a GPU",
               "mappings": "registry names (the global transformer map is the comparison the depth trend needs)",
               "learned_layers": "trained maps at every layer: the gap to the global map by depth needs three"}),
     "summary": Preset([], extra={

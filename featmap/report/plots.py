@@ -253,7 +253,7 @@ def plot_headline(families: pd.DataFrame, metric: str = "cos_mean",
 
 def plot_best_worst(examples: list[tuple[str, list[tuple[str, np.ndarray]]]], scale: float = 1.5):
     """Returns a figure, one row per edit: the test photo where a map does best (original, edited) and the one
-    where it does worst (original, edited), the score in the titles; ``examples`` as ``run.chapter.best_and_worst``
+    where it does worst (original, edited), the score in the titles; ``examples`` as ``report.panels.best_and_worst``
     gives them (best then worst for each edit)."""
     rows = [(examples[i], examples[i + 1]) for i in range(0, len(examples) - 1, 2)]
     if not rows:

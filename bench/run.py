@@ -41,8 +41,8 @@ from featmap.core.device import resolve_device
 from featmap.core.io import REPO_ROOT, atomic_write
 from featmap.maps.base import MAP_SIZES, MapOptions, get_mapping
 from featmap.maps.data import PairData
-from featmap.run.chapter import prepare
 from featmap.run.config import RunConfig
+from featmap.run.prepare import prepare
 from featmap.score.metrics import cos_mean
 from featmap.train.loop import TrainConfig
 

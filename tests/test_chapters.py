@@ -262,7 +262,8 @@ def test_image_space_scores_each_photo_against_its_own_map(photo_dir):
     reconstruction of a true map is compared with the photo that map belongs to: an oracle inverter that returns
     the photo a map came from scores the target perfectly, and the figures pair each photo with its own images."""
     from featmap.data.images import to_uint8_images
-    from featmap.run.chapter import image_subset, prepare
+    from featmap.run.cells import image_subset
+    from featmap.run.prepare import prepare
     from featmap.score.inversion import CallableInverter
 
     for seed in range(20):  # a seed whose subset is not simply the first test photo

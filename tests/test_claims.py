@@ -9,7 +9,7 @@ from featmap.core.table import COLUMNS, PROVENANCE_COLUMNS, row
 from featmap.report import claims
 from featmap.report.judge import judge_by_layer, judge_sanity
 from featmap.report.rules import FAILS, HOLDS, INCONCLUSIVE, NO_VERDICT, NOTHING_TO_LEARN
-from featmap.run.chapter import gap_rows
+from featmap.run.cells import gap_rows
 
 DEFAULT = {"weights": "default:aaaa", "photos": "p1", "config": "c1"}
 

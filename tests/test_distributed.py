@@ -18,8 +18,9 @@ from featmap.core.distributed import Context, init, shutdown
 from featmap.maps.base import MapOptions, get_mapping
 from featmap.maps.data import PairData, ShardedPairData
 from featmap.maps.stats import LinearStats
-from featmap.run.chapter import map_options, prepare, run_chapter
+from featmap.run.chapter import map_options, run_chapter
 from featmap.run.distributed import prepare_chapter
+from featmap.run.prepare import prepare
 from featmap.run.presets import defaults as chapter_defaults
 from featmap.train.loop import TrainConfig
 

@@ -85,6 +85,7 @@ def _spy_plans(monkeypatch) -> list[Plan]:
 
 def test_prepare_and_run_execute_the_same_cells_and_a_warm_rerun_computes_nothing(tiny, monkeypatch, one_thread):
     import featmap.maps.learned as learned
+    import featmap.run.cells as cells
     import featmap.run.chapter as chapter
     from featmap.core.distributed import Context
     from featmap.run.distributed import prepare_chapter
@@ -102,9 +103,9 @@ def test_prepare_and_run_execute_the_same_cells_and_a_warm_rerun_computes_nothin
     trained, tails, imagers = [], [], []
     monkeypatch.setattr(learned, "train_map", lambda *a, **k: trained.append(1) or (_ for _ in ()).throw(
         AssertionError("a warm rerun trained a map")))
-    real_tail, real_imager = chapter.classifier_tail, chapter.ImageScorer
-    monkeypatch.setattr(chapter, "classifier_tail", lambda *a: tails.append(1) or real_tail(*a))
-    monkeypatch.setattr(chapter, "ImageScorer", lambda *a, **k: imagers.append(1) or real_imager(*a, **k))
+    real_tail, real_imager = cells.classifier_tail, cells.ImageScorer
+    monkeypatch.setattr(cells, "classifier_tail", lambda *a: tails.append(1) or real_tail(*a))
+    monkeypatch.setattr(cells, "ImageScorer", lambda *a, **k: imagers.append(1) or real_imager(*a, **k))
     second = chapter.run_chapter(tiny)
     assert (second.extracted, second.timings["scores_computed"], len(trained), len(tails), len(imagers)) == \
         (0, 0, 0, 0, 0)
@@ -145,7 +146,8 @@ def test_poisoned_test_features_change_no_fit_no_choice_and_no_stopping(tiny, tm
     import numpy as np
 
     from featmap.features.store import FeatureCache
-    from featmap.run.chapter import prepare, run_chapter
+    from featmap.run.chapter import run_chapter
+    from featmap.run.prepare import prepare
 
     clean = run_chapter(dataclasses.replace(tiny, chapter="clean"), write=False)
     poisoned_dir = tmp_path / "poisoned"
@@ -172,8 +174,9 @@ def test_poisoned_test_features_change_no_fit_no_choice_and_no_stopping(tiny, tm
 
 
 def test_best_and_worst_photos_come_from_the_per_photo_scores(tiny, one_thread):
+    from featmap.report.panels import best_and_worst
     from featmap.report.plots import plot_best_worst
-    from featmap.run.chapter import best_and_worst, run_chapter
+    from featmap.run.chapter import run_chapter
 
     result = run_chapter(tiny, write=False)
     shown = best_and_worst(result, "linear")

@@ -8,7 +8,8 @@ from PIL import Image
 
 from featmap.core.registry import UnknownNameError
 from featmap.edits.editors import SplitEdit
-from featmap.run.chapter import example_images, run_chapter
+from featmap.report.panels import example_images
+from featmap.run.chapter import run_chapter
 from featmap.run.config import RunConfig
 
 

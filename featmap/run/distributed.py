@@ -11,11 +11,11 @@ import time
 from dataclasses import replace
 
 from featmap.core.distributed import Context
-from featmap.edits.editors import SplitEdit
 from featmap.maps.data import ShardedPairData
-from featmap.run.chapter import map_options, prepare, views_of
+from featmap.run.chapter import map_options
 from featmap.run.config import RunConfig
 from featmap.run.plan import Plan
+from featmap.run.prepare import extract, prepare, views_by_part, views_of
 
 
 def prepare_chapter(config: RunConfig, context: Context) -> dict:
@@ -31,15 +31,10 @@ def prepare_chapter(config: RunConfig, context: Context) -> dict:
     start = time.perf_counter()
     images, split, store, manipulations = prepare(config)
     store.progress = context.is_main
-    parts = {part: split.views(part, config.train_views) for part in ("train", "val", "test")}
+    parts = views_by_part(config, split)
     views = parts["train"] + parts["val"] + parts["test"]
     t0 = time.perf_counter()
-    plain = [m for m in manipulations if not isinstance(m, SplitEdit)]
-    extracted = store.ensure(context.shard(views), [None] + plain)
-    for edit in manipulations:  # a semantic edit runs on the views its object masks allow
-        if isinstance(edit, SplitEdit):
-            usable = [v for part in ("train", "val", "test") for v in edit.usable[part]]
-            extracted += store.ensure(context.shard(usable), [edit])
+    extracted = extract(store, parts, manipulations, context)
     extract_local = time.perf_counter() - t0
     context.barrier()
     extract_wall = time.perf_counter() - t0

@@ -13,9 +13,9 @@ from featmap.maps.base import MapOptions
 from featmap.maps.closed_form import Linear
 from featmap.maps.data import PairData
 from featmap.maps.stats import positions
-from featmap.run.chapter import extract, prepare, views_of
 from featmap.run.config import RunConfig
 from featmap.run.plan import Plan
+from featmap.run.prepare import extract, prepare, views_by_part, views_of
 from featmap.run.scores import ScoreCache, results_provenance
 from featmap.score.change import erank_noise_floor, grid_alignment
 from featmap.score.geometry import linear_geometry, truncate
@@ -108,7 +108,7 @@ def run_layers(config: RunConfig, control: str | None = "random", ranks=DEFAULT_
     for weights in [config.weights] + ([control] if control else []):
         cfg = dataclasses.replace(config, weights=weights)
         images, split, store, manipulations = prepare(cfg)
-        parts = {part: split.views(part, cfg.train_views) for part in ("train", "val", "test")}
+        parts = views_by_part(cfg, split)
         extract(store, parts, manipulations)
         label = backbone_label(config, weights)
         produced.update(results_provenance(cfg, images, store.backbone, label))

@@ -248,14 +248,17 @@ step bench 180 "${GPU_BENCH_SECONDS:-240}" env BENCH_DEVICE="$DEVICE" BENCH_THRE
   BENCH_BOOK_CHAPTERS="${GPU_BENCH_CHAPTERS:-geometric,masking,layers}" \
   BENCH_OUT="$WORK/bench.json" "$PY" bench/run.py
 
-# 3. One chapter at the reference protocol's sizes: every photo, map_size reference, residual off (the reference's
-#    maps), AdamW 1e-4, batch 32, up to GPU_CHECK_EPOCHS (100) epochs with early stopping (patience 6), on one edit
-#    (GPU_CHECK_MANIPULATIONS) to fit the time. The bench's chapter runner: seconds, timings, phases, probe.
+# 3. One chapter at the reference protocol's sizes: every photo, map_size reference, the reference's maps from their
+#    random initialisation, AdamW 1e-4, batch 64, up to GPU_CHECK_STEPS (11900) steps with early stopping (714 steps,
+#    validation every 119), on one edit (GPU_CHECK_MANIPULATIONS) to fit the time; every fit's convergence rows
+#    (steps, best_step, stopped_early, train_loss, best_val_loss) land in its results table. The bench's chapter
+#    runner: seconds, timings, phases, probe.
 spec=$("$PY" - "$WORK" <<'EOF'
 import json, os, sys
 images = os.environ.get("GPU_CHECK_IMAGES")  # every photo unless given
-values = {"max_images": int(images) if images else None, "map_size": "reference", "residual": False, "lr": 1e-4,
-          "train_batch": 32, "max_epochs": int(os.environ.get("GPU_CHECK_EPOCHS", 100)),
+values = {"max_images": int(images) if images else None, "map_size": "reference", "start": "scratch", "lr": 1e-4,
+          "train_batch": 64, "max_steps": int(os.environ.get("GPU_CHECK_STEPS", 11900)), "eval_every": 119,
+          "patience": 714, "plateau_steps": 952,
           "device": os.environ.get("GPU_CHECK_DEVICE", "cuda"), "threads": None,
           "manipulations": os.environ.get("GPU_CHECK_MANIPULATIONS", "rotation_90").split(","),
           "cache_dir": sys.argv[1] + "/reference-cache"}
@@ -274,7 +277,7 @@ gpus=$(grep -c '^GPU ' "$WORK/gpus.txt" 2>/dev/null) || gpus=1
 step prepare_torchrun 0 40 "$PY" -m torch.distributed.run --standalone --nproc-per-node "${GPU_PREPARE_PROCS:-$gpus}" \
   -m featmap prepare \
   --chapter geometric -p device "$DEVICE" -p max_images "${GPU_PREPARE_IMAGES:-40}" -y 'manipulations: [rotation_90]' \
-  -y 'layers: [blocks.6]' -y 'mappings: [identity, linear, mlp]' -p max_epochs 5 -p cache_dir "$WORK/prepare-cache" \
+  -y 'layers: [blocks.6]' -y 'mappings: [identity, linear, mlp]' -p max_steps 50 -p cache_dir "$WORK/prepare-cache" \
   --summary "$WORK/prepare.json"
 
 figures

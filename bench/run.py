@@ -3,8 +3,10 @@
   extraction            images/s through the cache layer (FeatureStore.ensure) vs the bare backbone forward on the
                         same decoded images, as a fraction of it (the floor is one forward per image); warm vs cold
   disk                  bytes per image in the cache vs the reference's float32 memmaps for the same layers
-  linear map            closed form (streaming ridge) vs gradient descent with the reference's settings
-  trained map           one trained map (transformer) at map_size reference: seconds, epochs, seconds per epoch
+  linear map            closed form (streaming ridge) vs gradient descent (linear_sgd) with the book's and the
+                        reference's training settings: steps, early stopping, seconds, validation loss against the
+                        closed form's on the same objective
+  trained map           one trained map (transformer) at map_size reference: seconds, steps, seconds per step
   book                  the book's chapters on a seeded photo subset, run twice on one cache (cold: an empty cache,
                         chapters in make book's order sharing it; warm: the same again), each in a fresh process:
                         seconds, peak memory, where the time went (extraction, closed-form fits, training, inverter,
@@ -41,6 +43,7 @@ from featmap.core.device import resolve_device
 from featmap.core.io import REPO_ROOT, atomic_write
 from featmap.maps.base import MAP_SIZES, MapOptions, get_mapping
 from featmap.maps.data import PairData
+from featmap.maps.learned import objective
 from featmap.run.config import RunConfig
 from featmap.run.prepare import prepare
 from featmap.score.metrics import cos_mean
@@ -83,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the one trained map timed on its own")
     p.add_argument("--map-size", default=env("BENCH_MAP_SIZE", "reference"), choices=list(MAP_SIZES),
                    help="its size preset (reference: width 512, 4 layers, 8 heads, ffn 1024)")
-    p.add_argument("--trained-epochs", type=int, default=int(env("BENCH_TRAINED_EPOCHS", 100)),
-                   help="its epoch cap, with the reference's early stopping (patience 6); the reference: 100")
+    p.add_argument("--trained-steps", type=int, default=int(env("BENCH_TRAINED_STEPS", 11900)),
+                   help="its step cap, with the reference's early stopping (714 steps), and that of the linear map "
+                        "trained with the reference's settings; the reference: 11900")
     p.add_argument("--book-images", type=int, default=int(env("BENCH_BOOK_IMAGES", 12)),
                    help="photos of the small book's chapters (a seeded subset; semantic takes 24 unless overridden)")
     p.add_argument("--book-chapters", default=env("BENCH_BOOK_CHAPTERS", ",".join(BOOK_CHAPTERS)),
@@ -92,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--book-params", default=env("BENCH_BOOK_PARAMS", ""),
                    help="YAML overrides of the small book: name: value for every chapter that takes it, and "
                         "chapters: {chapter: {name: value}} for one, e.g. "
-                        "'{max_epochs: 3, chapters: {geometric: {manipulations: [mirror_h]}}}'")
+                        "'{max_steps: 30, chapters: {geometric: {manipulations: [mirror_h]}}}'")
     p.add_argument("--book-in-process", action="store_true", default=env("BENCH_BOOK_IN_PROCESS", "") == "1",
                    help="run the chapters in this process (the tests; peak memory is then this process's)")
     p.add_argument("--batch-size", type=int, default=int(env("BENCH_BATCH", 32)))
@@ -274,51 +278,76 @@ def disk(store, views, manipulation) -> dict:
             "per_layer": {layer: {"ours": float(ours[layer]), "reference": reference[layer]} for layer in ours}}
 
 
+CONVERGENCE = ("steps", "best_step", "stopped_early", "train_loss", "best_val_loss")
+
+
 def _fit_and_test(name: str, options: MapOptions, store, views, manipulation, layer: str, batch: int) -> dict:
-    """Fits map ``name`` on the training views (validation steers it) and returns its seconds and test cosine."""
-    data = PairData(store, {"train": views["train"], "val": views["val"]}, manipulation, layer, "none", batch)
+    """Fits map ``name`` on the training views (validation steers it) and returns its seconds, test cosine and, for
+    a trained map, its convergence (steps, the kept step, early stopping, training and validation loss)."""
+    spatial = "applied" if manipulation.grid_op is not None else "none"
+    data = PairData(store, {"train": views["train"], "val": views["val"]}, manipulation, layer, spatial, batch)
     mapping, seconds = _timed(lambda: get_mapping(name, options).fit(data))  # includes reading the cache
     x_test, y_test = store.load(views["test"], None, layer), store.load(views["test"], manipulation, layer)
+    if spatial == "applied":
+        x_test = manipulation.grid_op(x_test)
     with torch.no_grad():
         pred = torch.cat([mapping.predict(x_test[i:i + batch]) for i in range(0, len(x_test), batch)])
-    return {"fit_seconds": seconds, "test_cos_mean": float(cos_mean(pred, y_test).mean()),
-            "n_params": int(mapping.n_params()),
-            **{k: float(v) for k, v in mapping.extra_metrics().items() if k in ("epochs", "best_val_loss", "ridge")}}
+    out = {"fit_seconds": seconds, "test_cos_mean": float(cos_mean(pred, y_test).mean()),
+           "n_params": int(mapping.n_params()),
+           **{k: float(v) for k, v in mapping.extra_metrics().items() if k in CONVERGENCE + ("ridge_alpha",)}}
+    if name == "linear":  # the trained maps' objective, on the same pairs
+        out.update(objective(mapping, data, options.train))
+    return out
 
 
-def _views(split) -> dict:
-    return {part: split.views(part, 1) for part in ("train", "val", "test")}
+def _views(split, train_views: int = 1) -> dict:
+    return {part: split.views(part, train_views) for part in ("train", "val", "test")}
 
 
-def linear_maps(store, split, manipulation, layer: str, device: str, batch: int) -> dict:
-    """Shared linear map on the same cached features: closed form vs gradient descent (reference settings)."""
+def linear_maps(store, split, manipulation, layer: str, device: str, batch: int, reference_steps: int) -> dict:
+    """The shared linear map on the same cached features: closed form against gradient descent (``linear_sgd``)
+    with the book's training settings (from W = I with the closed form's prior) and with the reference protocol's
+    (random initialisation, AdamW 1e-4, up to ``reference_steps`` steps; the reference: 11,900): steps, the kept
+    step, whether early stopping ended it, seconds, and its validation loss against the closed form's on the same
+    objective."""
+    from featmap.run.chapter import map_options
+    from featmap.run.presets import chapter_config
+
     views = _views(split)
     out = {"layer": layer, "manipulation": manipulation.name, "train_views": len(views["train"]),
            "val_views": len(views["val"]), "test_views": len(views["test"])}
+    book, _ = chapter_config("geometric")
+    recipes = {"book": dataclasses.replace(map_options(book, progress=False), device=device),
+               "reference": MapOptions(device=device, progress=False, start="scratch",
+                                       train=TrainConfig(max_steps=reference_steps))}
     with tempfile.TemporaryDirectory() as maps:  # gradient descent must train, not load an earlier run's map
-        settings = TrainConfig()  # the reference protocol's: AdamW 1e-4, batch 32, up to 100 epochs, patience 6
-        options = MapOptions(ridge="auto", device=device, progress=False, cache_dir=maps, train=settings)
-        for name in ("linear", "linear_sgd"):
-            out[name] = _fit_and_test(name, options, store, views, manipulation, layer, batch)
-        out["linear_sgd"]["settings"] = {k: getattr(settings, k) for k in ("lr", "weight_decay", "batch_size",
-                                                                           "max_epochs", "early_stop_patience")}
-    out["time_ratio_sgd_vs_closed_form"] = out["linear_sgd"]["fit_seconds"] / out["linear"]["fit_seconds"]
-    out["cos_gap_closed_form_minus_sgd"] = out["linear"]["test_cos_mean"] - out["linear_sgd"]["test_cos_mean"]
+        for recipe, options in recipes.items():
+            options = dataclasses.replace(options, cache_dir=maps)
+            out.setdefault("linear", _fit_and_test("linear", options, store, views, manipulation, layer, batch))
+            sgd = _fit_and_test("linear_sgd", options, store, views, manipulation, layer, batch)
+            sgd["settings"] = {k: getattr(options.train, k) for k in ("lr", "batch_size", "max_steps", "patience",
+                                                                      "eval_every", "plateau_steps")}
+            sgd["start"] = options.start
+            sgd["val_loss_above_closed_form"] = sgd["best_val_loss"] / out["linear"]["best_val_loss"] - 1
+            out[f"linear_sgd_{recipe}"] = sgd
+    out["time_ratio_sgd_vs_closed_form"] = out["linear_sgd_book"]["fit_seconds"] / out["linear"]["fit_seconds"]
     return out
 
 
 def trained_map(store, split, manipulation, args) -> dict:
-    """One trained map at ``args.map_size`` (reference: the study's width) with the reference's training settings
-    up to ``args.trained_epochs`` epochs: seconds, epochs run, seconds per epoch, test cosine."""
+    """One trained map at ``args.map_size`` (reference: the study's width) with the reference protocol's training
+    settings in steps, from its random initialisation (``args.trained_steps`` caps it): seconds, steps run, seconds
+    per step, whether early stopping ended it, test cosine."""
     views = _views(split)
-    settings = TrainConfig(max_epochs=args.trained_epochs)
+    settings = TrainConfig(max_steps=args.trained_steps)
     with tempfile.TemporaryDirectory() as maps:  # trains, never loads an earlier run's map
-        options = MapOptions(size=args.map_size, device=args.device, progress=False, cache_dir=maps, train=settings)
+        options = MapOptions(size=args.map_size, device=args.device, progress=False, cache_dir=maps, train=settings,
+                             start="scratch")
         got = _fit_and_test(args.trained_map, options, store, views, manipulation, args.fit_layer, args.batch_size)
     return {"map": args.trained_map, "map_size": args.map_size, "size": MAP_SIZES[args.map_size],
             "layer": args.fit_layer, "manipulation": manipulation.name, "device": str(resolve_device(args.device)),
-            "train_views": len(views["train"]), "max_epochs": args.trained_epochs, **got,
-            "seconds_per_epoch": got["fit_seconds"] / max(got.get("epochs", 1), 1)}
+            "train_views": len(views["train"]), "max_steps": args.trained_steps, **got,
+            "seconds_per_step": got["fit_seconds"] / max(got.get("steps", 1), 1)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -581,20 +610,25 @@ def _table(results: dict) -> list[tuple[str, str, str]]:
                                                        f"(ours {dsk['ratio_ours_vs_reference']:.3f}x)")]
     if "linear_map" in results:
         lin = results["linear_map"]
-        rows += [
-            ("linear map", f"closed form: fit s / test cos ({lin['layer']}, {lin['manipulation']})",
-             f"{lin['linear']['fit_seconds']:.3f} s / {lin['linear']['test_cos_mean']:.4f}"),
-            ("linear map", "gradient descent, reference settings: fit s / test cos / epochs",
-             f"{lin['linear_sgd']['fit_seconds']:.2f} s / {lin['linear_sgd']['test_cos_mean']:.4f} / "
-             f"{lin['linear_sgd'].get('epochs', float('nan')):.0f}"),
-            ("linear map", "time ratio gradient descent / closed form",
-             f"{lin['time_ratio_sgd_vs_closed_form']:.1f}x")]
+        rows.append(("linear map", f"closed form: fit s / test cos / validation loss ({lin['layer']}, "
+                                   f"{lin['manipulation']})",
+                     f"{lin['linear']['fit_seconds']:.3f} s / {lin['linear']['test_cos_mean']:.4f} / "
+                     f"{lin['linear']['best_val_loss']:.4f}"))
+        for recipe in ("book", "reference"):
+            sgd = lin.get(f"linear_sgd_{recipe}")
+            if sgd:
+                rows.append(("linear map", f"gradient descent, {recipe} settings: fit s / steps (kept, early stop) / "
+                                           "test cos / validation loss against the closed form's",
+                             f"{sgd['fit_seconds']:.2f} s / {sgd['steps']:.0f} ({sgd['best_step']:.0f}, "
+                             f"{'yes' if sgd['stopped_early'] else 'no'}) / {sgd['test_cos_mean']:.4f} / "
+                             f"{sgd['val_loss_above_closed_form']:+.1%}"))
     if "trained_map" in results:
         tm = results["trained_map"]
-        rows.append(("trained map", f"{tm['map']} at map_size {tm['map_size']} ({tm['device']}): fit s / epochs / "
-                                    "s per epoch / test cos",
-                     f"{tm['fit_seconds']:.1f} s / {tm.get('epochs', float('nan')):.0f} / "
-                     f"{tm['seconds_per_epoch']:.2f} s / {tm['test_cos_mean']:.4f}"))
+        rows.append(("trained map", f"{tm['map']} at map_size {tm['map_size']} ({tm['device']}): fit s / steps / "
+                                    "s per step / early stop / test cos",
+                     f"{tm['fit_seconds']:.1f} s / {tm.get('steps', float('nan')):.0f} / "
+                     f"{tm['seconds_per_step']:.3f} s / {'yes' if tm.get('stopped_early') else 'no'} / "
+                     f"{tm['test_cos_mean']:.4f}"))
     if "book" in results:
         bk = results["book"]
         for name, ch in [*bk["chapters"].items(), *([("total", bk["total"])] if "total" in bk else [])]:
@@ -671,7 +705,7 @@ def main(argv=None) -> dict:
                 section("disk", lambda: disk(store, views, manipulation))
             if "linear_map" in sections:
                 section("linear_map", lambda: linear_maps(store, split, manipulation, args.fit_layer, args.device,
-                                                          args.batch_size))
+                                                          args.batch_size, args.trained_steps))
             if "trained_map" in sections:
                 section("trained_map", lambda: trained_map(store, split, manipulation, args))
         if "cuda" in sections:  # after the store's sections: it moves the store's backbone to the device

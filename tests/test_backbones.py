@@ -25,7 +25,7 @@ def test_wheel_weights_classify_real_imagenet_photos(lite0):
     images = np.stack([ImageSet.view(View(p), pre.size, pre.interpolation, pre.crop_pct) for p in photos])
     predicted = lite0.logits(images).argmax(1).numpy()
     expected = np.array([int(p.label.split("_")[-1]) for p in photos])
-    assert (predicted == expected).sum() >= 17  # measured: 18 of 20 (OFFLINE.md)
+    assert (predicted == expected).sum() >= 17  # measured: 18 of 20
 
 
 def test_wheel_keys_rename_one_to_one_onto_timm():

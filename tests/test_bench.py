@@ -76,9 +76,11 @@ CHAPTER_FIGURES = ["cold_seconds", "warm_seconds", "peak_rss_mib_cold", "extract
                                                                     "other")]
 FIGURES = ["seconds", "extraction.bare_forward_images_per_s", "extraction.cache_cold_images_per_s",
            "extraction.rate_fraction_of_bare_forward", "extraction.forwards_per_image",
-           "disk.ours_bytes_per_image", "linear_map.linear.fit_seconds", "linear_map.linear_sgd.fit_seconds",
-           "linear_map.linear_sgd.epochs", "trained_map.fit_seconds", "trained_map.epochs",
-           "trained_map.seconds_per_epoch", "trained_map.test_cos_mean", "parameters.images",
+           "disk.ours_bytes_per_image", "linear_map.linear.fit_seconds", "linear_map.linear.best_val_loss",
+           "linear_map.linear_sgd_book.fit_seconds", "linear_map.linear_sgd_book.steps",
+           "linear_map.linear_sgd_book.val_loss_above_closed_form", "linear_map.linear_sgd_reference.steps",
+           "trained_map.fit_seconds", "trained_map.steps", "trained_map.seconds_per_step",
+           "trained_map.test_cos_mean", "parameters.images",
            "parameters.book_images"]
 
 
@@ -93,7 +95,8 @@ def _is_number(value) -> bool:
 
 
 # The smallest book that still runs every phase: image space, a trained map, two chapter kinds.
-TINY_BOOK = {"max_epochs": 1, "bootstrap": 20, "image_size": 128, "image_photos": 2, "inverter_size": 32,
+TINY_BOOK = {"max_steps": 10, "eval_every": 5, "patience": 10, "plateau_steps": 5, "bootstrap": 20,
+             "image_size": 128, "image_photos": 2, "inverter_size": 32,
              "inverter_epochs": 1, "inverter_manipulations": ["grayscale"], "layers": ["blocks.6"],
              "mappings": ["identity", "linear", "mlp"], "image_mappings": ["identity", "linear"],
              "chapters": {"geometric": {"manipulations": ["mirror_h"]},
@@ -104,8 +107,8 @@ TINY_BOOK = {"max_epochs": 1, "bootstrap": 20, "image_size": 128, "image_photos"
 def test_the_bench_writes_every_figure(photo_dir, tmp_path, restore_threads):
     bench = _bench()
     out = tmp_path / "results.json"
-    returned = bench.main(["--images", "8", "--layers", "blocks.6", "--fit-layer", "blocks.6", "--trained-epochs",
-                           "2", "--book-images", "6", "--book-chapters", "geometric,layers", "--book-in-process",
+    returned = bench.main(["--images", "8", "--layers", "blocks.6", "--fit-layer", "blocks.6", "--trained-steps",
+                           "30", "--book-images", "6", "--book-chapters", "geometric,layers", "--book-in-process",
                            "--book-params", json.dumps(TINY_BOOK), "--device", "cpu", "--out", str(out)])
     results = json.loads(out.read_text())
     assert results == json.loads(json.dumps(returned))

@@ -71,22 +71,21 @@ def test_every_table_metric_has_its_direction_in_the_registry():
         higher_is_better("cos_meen")
 
 
-def test_the_best_map_follows_the_metric_direction():
+def test_the_closeness_rule_follows_the_metric_direction():
+    """A gap of linear minus global is turned by the metric's direction: +0.03 bits of JSD is a loss for linear,
+    +0.03 of cosine a gain."""
     import pandas as pd
 
-    from featmap.report.verdicts import claim_learnable
+    from featmap.report.verdicts import closeness
 
-    rows = []
-    for name, v in (("identity", 0.9), ("linear", 0.2), ("mlp", 0.5)):  # rel_err: lower is better
-        base = {"family": "masking", "manipulation": "m", "backbone": "b", "layer": "l", "spatial": "none",
-                "mapping": name, "n": 3}
-        rows += [{**base, "metric": "rel_err", "value": v, "ci_low": v - 0.01, "ci_high": v + 0.01},
-                 {**base, "metric": "val_rel_err", "value": v, "ci_low": v - 0.01, "ci_high": v + 0.01}]
-        if name != "identity":
-            rows.append({**base, "metric": "rel_err_gap_identity", "value": v - 0.9, "ci_low": v - 0.91,
-                         "ci_high": v - 0.89})
-    cases = claim_learnable(pd.DataFrame(rows), "rel_err", "linear").cases
-    assert cases.loc[0, "best_map_val"] == "linear" and cases.loc[0, "gain"] > 0  # lower error is the gain
+    base = {"family": "masking", "manipulation": "m", "backbone": "b", "layer": "l", "spatial": "none",
+            "mapping": "linear", "n": 40}
+    rows = pd.DataFrame([{**base, "metric": f"{m}_gap_transformer", "value": 0.03, "ci_low": 0.02, "ci_high": 0.04}
+                         for m in ("jsd", "cos_mean")])
+    jsd = closeness(rows, "jsd", 0.01).cases.iloc[0]
+    cos = closeness(rows, "cos_mean", 0.01).cases.iloc[0]
+    assert (jsd["gap"], jsd["outcome"]) == (-0.03, "does not hold")
+    assert (cos["gap"], cos["outcome"]) == (0.03, "holds")
 
 
 def test_position_cosines_are_torchs_cosines_in_float64():

@@ -153,7 +153,8 @@ def test_the_summary_reads_every_results_table(small_book):
                      + re.sub(r"<[^>]+>", "", "".join(o.get("data", {}).get("text/html", "")))
                      for cell in small_book.notebook("summary")["cells"] for o in cell.get("outputs", []))
     for claim in ("1", "2", "3"):
-        assert re.search(rf"claim {claim}: (holds|does not hold|inconclusive|described|not measured)\b", text, re.I), \
+        assert re.search(rf"claim {claim} \([^)]*\): (holds|does not hold|inconclusive|no verdict|described|"
+                         rf"not measured)\b", text, re.I), \
             f"the summary states no verdict for claim {claim}"
 
 
@@ -199,23 +200,35 @@ def test_a_failing_chapter_shows_the_failing_cell(tmp_path, photo_dir):
 
 
 def test_every_map_runs_in_its_spatial_modes_and_a_rerun_trains_nothing(photo_dir, monkeypatch):
-    config = small_config(photo_dir, manipulations=["mirror_v", "noise_40"], max_epochs=2,
+    config = small_config(photo_dir, manipulations=["mirror_v", "noise_40"], max_steps=6, eval_every=3, patience=6,
+                          plateau_steps=3,
                           spatial=["none", "applied", "learned"],
                           mappings=["identity", "linear", "local_linear", "mlp", "transformer_pe"])
     table = run_chapter(config).table
     modes = table[table.metric == "cos_mean"].groupby(["manipulation", "spatial"])["mapping"].apply(set).to_dict()
-    assert modes == {("mirror_v", "none"): {"identity", "linear", "local_linear", "mlp"},
+    assert modes == {("mirror_v", "none"): {"identity", "linear", "local_linear"},  # closed forms: the floor
                      ("mirror_v", "applied"): {"identity", "linear", "local_linear", "mlp", "transformer_pe"},
                      ("mirror_v", "learned"): {"transformer_pe"},
                      ("noise_40", "none"): {"identity", "linear", "local_linear", "mlp", "transformer_pe"}}
-    assert (table[table.metric == "epochs"].value == 2).all()
+    steps = table[table.metric == "steps"]  # every trained fit says how it ended
+    assert len(steps) == 5 and (steps.value <= 6).all()
+    facts = table[table.metric.isin(["best_step", "stopped_early", "train_loss", "best_val_loss"])
+                  & (table.mapping != "linear")]
+    assert facts.groupby("metric").size().to_dict() == {"best_step": 5, "best_val_loss": 5, "stopped_early": 5,
+                                                        "train_loss": 5}
+    linear = table[(table.mapping == "linear") & table.metric.isin(["train_loss", "best_val_loss"])]
+    assert len(linear) == 4  # the closed form's objective beside the trained maps, where they ran
     # paired gap rows: linear minus transformer_pe wherever both ran, equal to the difference of the means
     gaps = table[table.metric == "cos_mean_gap_transformer_pe"].set_index(["manipulation", "spatial"])["value"]
     cos = table[table.metric == "cos_mean"].pivot_table(index=["manipulation", "spatial"], columns="mapping",
                                                         values="value")
     both = cos[["linear", "transformer_pe"]].dropna()
-    assert sorted(gaps.index) == sorted(both.index) == [("mirror_v", "applied"), ("noise_40", "none")]
+    assert sorted(gaps.index) == sorted(both.index) + [("mirror_v", "learned")]
+    assert sorted(both.index) == [("mirror_v", "applied"), ("noise_40", "none")]
     np.testing.assert_allclose(gaps.loc[both.index], both["linear"] - both["transformer_pe"], atol=2e-6)
+    # the positive control: the linear map on the raw grid minus the global map learning the move there
+    control = cos.loc[("mirror_v", "none"), "linear"] - cos.loc[("mirror_v", "learned"), "transformer_pe"]
+    np.testing.assert_allclose(gaps.loc[("mirror_v", "learned")], control, atol=2e-6)
 
     import featmap.maps.learned
 

@@ -132,3 +132,16 @@ def test_a_header_claiming_more_than_the_bound_is_refused_before_decoding(tmp_pa
     with pytest.raises(ImageLoadError, match=rf"{path} has 30000 x 10000 = 300,000,000 pixels, over the "
                                              rf"250,000,000 featmap reads.*{MAX_PIXELS_ENV}=300000000"):
         load_rgb(path)
+
+
+def test_the_book_runner_shows_every_warning_line_of_a_chapters_feed(tmp_path, capsys):
+    """The runner prints a chapter's newest progress line every few seconds; a warning written before it must still
+    reach the terminal, not be overwritten by the progress that followed."""
+    from featmap.run.book import _Follow
+
+    feed = tmp_path / "progress.log"
+    feed.write_text("extracting:  10%|#\rwarning: photo tiny.png is 40 x 30 px\nextracting:  50%|#####\r"
+                    "extracting:  90%|#########\r")
+    _Follow(feed, "geometric")._show(0, "")
+    shown = capsys.readouterr().out.splitlines()
+    assert shown == ["  [geometric] warning: photo tiny.png is 40 x 30 px", "  [geometric] extracting:  90%|#########"]

@@ -7,11 +7,13 @@ import pandas as pd
 import seaborn as sns
 
 from featmap.core.table import comparable_rows
+from featmap.maps.base import GLOBAL_MAPS
 
 # Every figure is drawn at most as wide as the page's text column (shown at its own size, never shrunk) with text of
 # at least SMALLEST points: the book's footnote size when the figure is shown at page width.
 PAGE_WIDTH = 8.5  # inches
 SMALLEST = 9      # points
+LABEL = 10        # points: axis labels, ticks and legends of the pages' main figures
 
 
 def plot_examples(examples: list[tuple[str, list[tuple[str, np.ndarray]]]], per_row: int = 6):
@@ -300,3 +302,114 @@ def _fit_width(grid) -> None:
     if w > PAGE_WIDTH:
         grid.figure.set_size_inches(PAGE_WIDTH, h * PAGE_WIDTH / w)
         grid.figure.tight_layout()
+
+
+# -- the family chapters' main figures: one message each, rows of dots with their intervals ---------------
+
+def _dot_rows(ax, frame: pd.DataFrame, rows: list[str], series: list[tuple[str, str, str]], value: str = "value"):
+    """Draws one row per entry of ``rows`` (frame column ``row``), a dot with its 95% interval per series
+    (label, frame key in ``series_col``, colour); returns the legend handles."""
+    step = 0.8 / max(len(series), 1)
+    handles = []
+    for i, (label, key, colour) in enumerate(series):
+        d = frame[frame["series"] == key].set_index("row").reindex(rows)
+        y = np.arange(len(rows)) - 0.4 + step * (i + 0.5)
+        err = np.vstack([d[value] - d["ci_low"], d["ci_high"] - d[value]]).clip(min=0)
+        handles.append(ax.errorbar(d[value], y, xerr=np.nan_to_num(err), fmt="o", ms=5, capsize=2, color=colour,
+                                   label=label, lw=1))
+    ax.set_yticks(range(len(rows)), rows, fontsize=LABEL)
+    ax.invert_yaxis()
+    ax.tick_params(axis="x", labelsize=LABEL)
+    ax.grid(axis="x", color="0.9")
+    ax.spines[["top", "right"]].set_visible(False)
+    return handles
+
+
+def _figure(n_rows: int):
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 1.3 + 0.42 * n_rows))
+    return fig, ax
+
+
+def _legend(fig, ax, handles, ncol: int):
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=ncol, frameon=False, fontsize=LABEL)
+    fig.tight_layout()
+
+
+def deepest_trained_layer(table: pd.DataFrame) -> str:
+    """Returns the deepest layer where trained maps ran (else the deepest layer of the table)."""
+    trained = table[table["metric"] == "steps"]
+    layers = list(dict.fromkeys(table["layer"]))
+    return list(dict.fromkeys(trained["layer"]))[-1] if len(trained) else layers[-1]
+
+
+def plot_maps(table: pd.DataFrame, metric: str = "cos_mean", layer: str | None = None,
+              maps: tuple[str, ...] = ("identity", "linear", "mlp", "cnn", "transformer", "transformer_pe")):
+    """Returns one figure with one message, how close each map comes to the true edited map: per edit (a row), test
+    ``metric`` of ``maps`` at ``layer`` (default: the deepest layer where trained maps ran), each edit in its
+    comparable mode (geometric edits after the grid rotation/flip), with 95% intervals."""
+    layer = layer or deepest_trained_layer(table)
+    data = comparable_rows(table[(table["metric"] == metric) & table["mapping"].isin(maps) & (table["layer"] == layer)])
+    if data.empty:
+        raise ValueError(f"no {metric} rows of {', '.join(maps)} at {layer}")
+    rows = list(dict.fromkeys(data["manipulation"]))
+    frame = data.assign(row=data["manipulation"], series=data["mapping"])
+    fig, ax = _figure(len(rows))
+    present = [m for m in maps if m in set(data["mapping"])]
+    handles = _dot_rows(ax, frame, rows, [(m, m, MAP_COLOURS.get(m, "0.3")) for m in present])
+    ax.set_xlabel(f"{metric} on test photos at {layer} (95% interval)", fontsize=LABEL)
+    _legend(fig, ax, handles, ncol=min(len(present), 6))
+    return fig
+
+
+def plot_grid_floor(table: pd.DataFrame, layer: str | None = None):
+    """Returns the geometric chapter's figure: per geometric edit, test cos_mean of the identity floor and the shared
+    linear map on the raw grid and after the grid rotation or flip, and of the better global map learning the move on
+    the raw grid where it ran (the positive control), at ``layer`` (default: the deepest with trained maps)."""
+    layer = layer or deepest_trained_layer(table)
+    d = table[(table["family"] == "geometric") & (table["metric"] == "cos_mean") & (table["layer"] == layer)]
+    parts = [("identity, raw grid", "identity", "none", "#bbbbbb"), ("linear, raw grid", "linear", "none", "#f0b3a0"),
+             ("identity after the grid op", "identity", "applied", "0.35"),
+             ("linear after the grid op", "linear", "applied", MAP_COLOURS["linear"])]
+    frames = [d[(d["mapping"] == m) & (d["spatial"] == s)].assign(series=label) for label, m, s, _ in parts]
+    learned = d[(d["spatial"] == "learned") & d["mapping"].isin(GLOBAL_MAPS)]
+    if len(learned):
+        best = learned.sort_values("value").drop_duplicates("manipulation", keep="last")
+        frames.append(best.assign(series="best global map, raw grid"))
+        parts.append(("best global map, raw grid", "", "", MAP_COLOURS["transformer_pe"]))
+    frame = pd.concat(frames, ignore_index=True)
+    if frame.empty:
+        raise ValueError(f"no geometric cos_mean rows at {layer}")
+    rows = list(dict.fromkeys(frame["manipulation"]))
+    fig, ax = _figure(len(rows))
+    handles = _dot_rows(ax, frame.assign(row=frame["manipulation"]), rows,
+                        [(label, label, colour) for label, _, _, colour in parts])
+    ax.set_xlabel(f"cos_mean on test photos at {layer} (95% interval)", fontsize=LABEL)
+    _legend(fig, ax, handles, ncol=3)
+    return fig
+
+
+def plot_changed_region(table: pd.DataFrame, layer: str | None = None,
+                        maps: tuple[str, ...] = ("identity", "linear", "transformer_pe")):
+    """Returns the local edits' figure: per local edit (one that names its region: a painted square, an object
+    mask), the whole-map score (cos_mean, hollow) against the score on the positions the edit changed
+    (cos_changed_mean, filled) for ``maps`` at ``layer``: the whole map dilutes what a map learns about the changed
+    region."""
+    layer = layer or deepest_trained_layer(table)
+    local = table[(table["mapping"] == "target") & (table["metric"] == "local_edit") & (table["value"] == 1)]
+    d = comparable_rows(table[table["metric"].isin(["cos_mean", "cos_changed_mean"]) & table["mapping"].isin(maps)
+                              & (table["layer"] == layer) & table["manipulation"].isin(set(local["manipulation"]))])
+    if d.empty:
+        raise ValueError(f"no cos_mean rows at {layer}")
+    rows = list(dict.fromkeys(d["manipulation"]))
+    fig, ax = _figure(len(rows))
+    present = [m for m in maps if m in set(d["mapping"])]
+    series = [(f"{m} ({'changed region' if metric == 'cos_changed_mean' else 'whole map'})", f"{m}|{metric}",
+               MAP_COLOURS.get(m, "0.3")) for m in present for metric in ("cos_mean", "cos_changed_mean")]
+    frame = d.assign(row=d["manipulation"], series=d["mapping"] + "|" + d["metric"])
+    handles = _dot_rows(ax, frame, rows, series)
+    for h, (_, key, _) in zip(handles, series):
+        if key.endswith("|cos_mean"):
+            h[0].set_markerfacecolor("white")
+    ax.set_xlabel(f"cosine on test photos at {layer} (95% interval)", fontsize=LABEL)
+    _legend(fig, ax, handles, ncol=2)
+    return fig

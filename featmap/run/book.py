@@ -19,7 +19,8 @@ from featmap.core.progress import PROGRESS_ENV
 
 
 class _Follow(threading.Thread):
-    """Prints the newest progress line of a file every few seconds (tqdm rewrites its line with carriage returns)."""
+    """Prints the newest progress line of a file every few seconds (tqdm rewrites its line with carriage returns),
+    and every warning line written since (``warning:``), which a newer progress line must not hide."""
 
     def __init__(self, path: Path, label: str, every: float = 5.0):
         super().__init__(daemon=True)
@@ -40,6 +41,9 @@ class _Follow(threading.Thread):
             chunk = f.read().decode("utf-8", "replace")
             offset = f.tell()
         parts = [p.strip() for p in chunk.replace("\r", "\n").split("\n") if p.strip()]
+        for line in parts[:-1]:
+            if line.lower().startswith("warning"):
+                print(f"  [{self.label}] {line}", flush=True)
         if parts and parts[-1] != last:
             last = parts[-1]
             print(f"  [{self.label}] {last}", flush=True)

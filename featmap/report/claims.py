@@ -136,9 +136,10 @@ def _needed_text(cases: pd.DataFrame) -> str:
             f"paired test at 95% and 80% power; median {need.median():.0f})" + tail + ".")
 
 
-def _drivers(cases: pd.DataFrame, verdict: str, gain: str, what: str) -> str:
+def _drivers(cases: pd.DataFrame, verdict: str, margin: pd.Series) -> str:
     """Returns the cases that decide ``verdict``: those that do not hold when it fails, the inconclusive ones when
-    it is inconclusive, else the closest case; and what deciding the inconclusive ones would take."""
+    it is inconclusive, else the case closest to not holding (the smallest ``margin``: how far its interval clears
+    the rule's boundary); and what deciding the inconclusive ones would take."""
     decided = cases[~cases["outcome"].isin(APART)]
     if decided.empty:
         return ""
@@ -148,8 +149,9 @@ def _drivers(cases: pd.DataFrame, verdict: str, gain: str, what: str) -> str:
     elif verdict == INCONCLUSIVE:
         text = f"Undecided: {named(decided[decided['outcome'] == INCONCLUSIVE].head(8))}."
     else:
-        closest = decided.sort_values(gain).iloc[0]
-        text = f"The closest case: {_case_name(closest)} ({what} {closest[gain]:+.3f})."
+        closest = decided.assign(_margin=margin.reindex(decided.index)).sort_values("_margin").iloc[0]
+        text = (f"The case closest to not holding: {_case_name(closest)} (its interval clears the rule's boundary by "
+                f"{closest['_margin']:.3f}).")
     return " ".join(t for t in (text, _needed_text(decided)) if t)
 
 
@@ -264,7 +266,8 @@ def claim_feasible(families: pd.DataFrame, min_effect_share: float = 0.1,
                                    "minimum effect": f"{share:.0%} of headroom", "verdict": c["verdict"],
                                    "counts": counts_text(c)})
     robustness = pd.DataFrame(robustness)
-    drivers = _drivers(_mark_backbones(cases), verdict, "gain", "gain over the floor")
+    margin = pd.concat([cases["gain_low"], cases["gain"] - cases["min_effect"]], axis=1).min(axis=1)
+    drivers = _drivers(_mark_backbones(cases), verdict, margin)
     linear_counts = count_outcomes(linear, rule="all").iloc[-1]
     drivers += f" The pre-specified shared linear map: {counts_text(linear_counts)} ({linear_counts['verdict']})."
     return Claim(1, verdict, rule, cases, main.controls, counts, _photos(cases), drivers.strip(), robustness,
@@ -388,7 +391,7 @@ def claim_semantic(families: pd.DataFrame, tolerance: float = 0.02) -> Claim:
     robustness = pd.DataFrame(robustness)
     cases = _mark_backbones(split.cases)
     return Claim("semantic", verdict, rule, split.cases, split.controls, counts, _photos(split.cases),
-                 _drivers(cases, verdict, "gap", "JSD gap"), robustness, _robust(robustness, verdict))
+                 _drivers(cases, verdict, cases["ci_low"] + tolerance), robustness, _robust(robustness, verdict))
 
 
 # -- claims 3 and 3b -----------------------------------------------------------------------------------------------
@@ -458,7 +461,8 @@ def claim_depth(table: pd.DataFrame | None, layers: pd.DataFrame | None = None, 
         robustness.append({"minimum rise": f"{inc:g}", "verdict": c["verdict"], "counts": counts_text(c)})
     robustness = pd.DataFrame(robustness)
     cases = trend.trend.assign(layer=trend.trend["layers"])
-    drivers = _drivers(_mark_backbones(cases), verdict, "diff", "rise of the gap")
+    margin = pd.concat([cases["diff_low"], cases["diff"] - min_increase], axis=1).min(axis=1)
+    drivers = _drivers(_mark_backbones(cases), verdict, margin)
     return Claim("3b", verdict, rule, trend.trend, pd.DataFrame(), counts, _photos(trend.trend), drivers, robustness,
                  _robust(robustness, verdict))
 

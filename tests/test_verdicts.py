@@ -181,6 +181,8 @@ def test_photos_to_decide_is_the_paired_sample_size_at_the_observed_spread():
     want = np.ceil(((1.959964 + 0.841621) * sd / 0.01) ** 2)
     assert rules.photos_to_decide(0.01, -0.01, 0.03, 48, 0.0) == want
     assert rules.photos_to_decide(0.0, -0.01, 0.01, 48, 0.0) == rules.MANY  # on the boundary: no number decides it
+    # two maps equal to float rounding: a degenerate interval says nothing about a spread
+    assert rules.photos_to_decide(2e-6, -1e-6, 5e-6, 40, 0.0) == rules.MANY
     assert np.isnan(rules.photos_to_decide(0.01, np.nan, np.nan, 48, 0.0))
     # more photos shrink the interval by sqrt(n): the computed size gives a decision at about that size
     assert want > 48

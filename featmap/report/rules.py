@@ -144,20 +144,24 @@ def count_outcomes(cases: pd.DataFrame, column: str = "outcome", by: str = "fami
 Z_TWO_SIDED_95 = 1.959964  # the intervals are 95%
 Z_POWER_80 = 0.841621      # the sample size for 80% power
 MANY = 100_000             # "more photos than any run here": the estimate sits (almost) on the boundary
+# Estimates closer than this to the boundary sit on it: a difference of cosines under 1e-4 is no effect, and an
+# interval that narrow (two maps equal to float rounding) gives no usable spread.
+RESOLUTION = 1e-4
 
 
 def photos_to_decide(estimate, ci_low, ci_high, n, boundary) -> np.ndarray | float:
     """Returns the test photos a paired test would need to decide a case at its observed spread: the standard
     sample size n* = ((z_0.975 + z_0.8) * sd / |estimate - boundary|)^2 for 95% intervals and 80% power, with the
     per-photo standard deviation sd = (ci_high - ci_low) / (2 z_0.975) * sqrt(n) read off the case's own interval
-    of ``n`` photos, rounded up; ``MANY`` (or more) when the estimate sits on the decision ``boundary``, NaN without
-    an interval. Scalars or arrays (broadcast)."""
+    of ``n`` photos, rounded up; ``MANY`` (or more) when the estimate sits on the decision ``boundary`` (within
+    ``RESOLUTION``), NaN without an interval. Scalars or arrays (broadcast)."""
     est, low, high, n, bound = np.broadcast_arrays(*[np.asarray(a, dtype=float) for a in
                                                      (estimate, ci_low, ci_high, n, boundary)])
     sd = (high - low) / (2 * Z_TWO_SIDED_95) * np.sqrt(n)
     with np.errstate(divide="ignore", invalid="ignore"):
         need = np.ceil(((Z_TWO_SIDED_95 + Z_POWER_80) * sd / np.abs(est - bound)) ** 2)
     need = np.where(np.isfinite(need), np.minimum(need, MANY), np.where(np.isnan(sd), np.nan, MANY))
+    need = np.where(np.abs(est - bound) < RESOLUTION, np.where(np.isnan(sd), np.nan, MANY), need)
     return float(need) if need.ndim == 0 else need
 
 

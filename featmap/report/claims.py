@@ -79,9 +79,13 @@ class Claim:
         return TITLES[self.claim]
 
     def counted(self) -> str:
-        """Returns the overall counts in words (holds / does not hold / inconclusive, and those set apart)."""
+        """Returns the overall counts in words (holds / does not hold / inconclusive, and those set apart), per
+        metric where the claim is counted on several."""
         if not len(self.counts):
             return ""
+        overall = self.counts[self.counts[self.counts.columns[0]] == "overall"]
+        if "metric" in overall and overall["metric"].nunique() > 1:
+            return "; ".join(f"{r['metric']}: {counts_text(r)}" for r in overall.to_dict("records"))
         return counts_text(self.counts.iloc[-1])
 
     def headline(self) -> str:
@@ -344,7 +348,7 @@ def claim_close(families: pd.DataFrame, tolerances: dict[str, float] | None = No
             "region is scored on local edits, image metrics where the image-space judge can see; the claim says "
             "\"typically\": it holds on a metric when more than half of the cases hold, and its verdict is the "
             "weakest over the metrics measured")
-    per_metric = "; ".join(f"{r['metric']}: {counts_text(r)} ({r['verdict']})" for r in overall_rows.to_dict("records"))
+    per_metric = "; ".join(f"{r['metric']} {r['verdict']}" for r in overall_rows.to_dict("records"))
     drivers = " ".join([f"Per metric: {per_metric}."] + notes)
     decided = cases[~cases["outcome"].isin(APART)]
     if len(decided):

@@ -152,7 +152,7 @@ class RunConfig:
     start: str = "linear"
     max_steps: int = 3000
     patience: int = 100
-    eval_every: int = 10
+    eval_every: int = 20
     plateau_steps: int = 50
     max_epochs: int | None = None
     lr: float = 2e-3

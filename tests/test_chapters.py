@@ -159,7 +159,7 @@ def test_the_summary_reads_every_results_table(small_book):
 
 
 MAX_LEGEND_ENTRIES = 8  # at most about eight series per panel
-PAGE_WIDTH = 8.6  # inches: a figure shown at the page's width keeps its own size (plots.PAGE_WIDTH, and rounding)
+PAGE_WIDTH = 6.8  # inches: a figure shown at the page's width keeps its own size (plots.PAGE_WIDTH, and rounding)
 SMALLEST_TEXT = 9  # points: at least the book's footnote size
 
 

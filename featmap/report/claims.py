@@ -73,6 +73,8 @@ class Claim:
     drivers: str = ""
     robustness: pd.DataFrame = field(default_factory=pd.DataFrame)
     robust: str = ""
+    short: str = ""    # the rule in one line, for the landing page
+    decided: str = ""  # the cases that decide the verdict, in one sentence
 
     @property
     def title(self) -> str:
@@ -100,6 +102,25 @@ class Claim:
             parts.append(self.drivers)
         if self.robust:
             parts.append(self.robust)
+        return " ".join(parts)
+
+    def brief(self) -> str:
+        """Returns the landing page's form of ``headline``: the verdict, the rule in one line, the counts and test
+        photos, the cases that decide it, and whether other reasonable choices change it (the summary has the
+        rest)."""
+        parts = [f"**Claim {self.claim} ({self.title}): {self.verdict}.**"]
+        if self.short:
+            parts.append(f"Rule: {self.short}.")
+        if self.counted():
+            parts.append(self.counted() + (f", on {photos_text(self.photos)} per case." if self.photos else "."))
+        if self.decided:
+            parts.append(self.decided)
+        elif self.drivers and not self.counted():
+            parts.append(self.drivers)
+        if len(self.robustness):
+            other = int((self.robustness["verdict"] != self.verdict).sum())
+            parts.append(f"Under the {len(self.robustness)} choices of the summary's robustness table: "
+                         + (f"{other} give another verdict." if other else "the same verdict."))
         return " ".join(parts)
 
 
@@ -140,10 +161,10 @@ def _needed_text(cases: pd.DataFrame) -> str:
             f"paired test at 95% and 80% power; median {need.median():.0f})" + tail + ".")
 
 
-def _drivers(cases: pd.DataFrame, verdict: str, margin: pd.Series) -> str:
-    """Returns the cases that decide ``verdict``: those that do not hold when it fails, the inconclusive ones when
-    it is inconclusive, else the case closest to not holding (the smallest ``margin``: how far its interval clears
-    the rule's boundary); and what deciding the inconclusive ones would take."""
+def _decided(cases: pd.DataFrame, verdict: str, margin: pd.Series) -> str:
+    """Returns, in one sentence, the cases that decide ``verdict``: those that do not hold when it fails, the
+    inconclusive ones when it is inconclusive, else the case closest to not holding (the smallest ``margin``: how far
+    its interval clears the rule's boundary)."""
     decided = cases[~cases["outcome"].isin(APART)]
     if decided.empty:
         return ""
@@ -156,7 +177,14 @@ def _drivers(cases: pd.DataFrame, verdict: str, margin: pd.Series) -> str:
         closest = decided.assign(_margin=margin.reindex(decided.index)).sort_values("_margin").iloc[0]
         text = (f"The case closest to not holding: {_case_name(closest)} (its interval clears the rule's boundary by "
                 f"{closest['_margin']:.3f}).")
-    return " ".join(t for t in (text, _needed_text(decided)) if t)
+    return text
+
+
+def _drivers(cases: pd.DataFrame, verdict: str, margin: pd.Series) -> str:
+    """Returns ``_decided`` and what deciding the inconclusive cases would take."""
+    decided = cases[~cases["outcome"].isin(APART)]
+    return " ".join(t for t in (_decided(cases, verdict, margin), _needed_text(decided) if len(decided) else "")
+                    if t)
 
 
 def _robust(robustness: pd.DataFrame, verdict: str) -> str:
@@ -274,8 +302,10 @@ def claim_feasible(families: pd.DataFrame, min_effect_share: float = 0.1,
     drivers = _drivers(_mark_backbones(cases), verdict, margin)
     linear_counts = count_outcomes(linear, rule="all").iloc[-1]
     drivers += f" The pre-specified shared linear map: {counts_text(linear_counts)} ({linear_counts['verdict']})."
+    short = (f"the best map chosen on validation photos beats the no-learning floor by at least {min_effect_share:.0%} "
+             "of its headroom, photo by photo (the changed region of local edits; cases with nothing to learn apart)")
     return Claim(1, verdict, rule, cases, main.controls, counts, _photos(cases), drivers.strip(), robustness,
-                 _robust(robustness, verdict))
+                 _robust(robustness, verdict), short, _decided(_mark_backbones(cases), verdict, margin))
 
 
 # -- claim 2 and semantic consistency ----------------------------------------------------------------------------
@@ -367,8 +397,12 @@ def claim_close(families: pd.DataFrame, tolerances: dict[str, float] | None = No
                                "verdict": _weakest([c["verdict"] for c in got]) if got else NOT_MEASURED,
                                "counts": "; ".join(counts_text(c) for c in got)})
     robustness = pd.DataFrame(robustness)
+    short = ("the shared linear map within " + ", ".join(f"{t:g} ({m})" for m, t in tolerances.items())
+             + " of the harder global map that has learned, photo by photo, in more than half of the cases")
     return Claim(2, verdict, rule, cases, pd.concat(controls, ignore_index=True), counts, _photos(decided),
-                 drivers.strip(), robustness, _robust(robustness, verdict))
+                 drivers.strip(), robustness, _robust(robustness, verdict), short,
+                 f"Per metric: {per_metric}." + (f" {len(apart)} case-metric pairs have no valid comparator."
+                                                 if len(apart) else ""))
 
 
 def claim_semantic(families: pd.DataFrame, tolerance: float = 0.02) -> Claim:
@@ -394,8 +428,11 @@ def claim_semantic(families: pd.DataFrame, tolerance: float = 0.02) -> Claim:
         robustness.append({"tolerance (bits)": f"{tol:g}", "verdict": c["verdict"], "counts": counts_text(c)})
     robustness = pd.DataFrame(robustness)
     cases = _mark_backbones(split.cases)
+    short = (f"through the classifier tail, the shared linear map's predictions within {tolerance:g} bits (JSD) of the "
+             "harder global map's, photo by photo, in more than half of the cases")
     return Claim("semantic", verdict, rule, split.cases, split.controls, counts, _photos(split.cases),
-                 _drivers(cases, verdict, cases["ci_low"] + tolerance), robustness, _robust(robustness, verdict))
+                 _drivers(cases, verdict, cases["ci_low"] + tolerance), robustness, _robust(robustness, verdict),
+                 short, _decided(cases, verdict, cases["ci_low"] + tolerance))
 
 
 # -- claims 3 and 3b -----------------------------------------------------------------------------------------------
@@ -467,8 +504,10 @@ def claim_depth(table: pd.DataFrame | None, layers: pd.DataFrame | None = None, 
     cases = trend.trend.assign(layer=trend.trend["layers"])
     margin = pd.concat([cases["diff_low"], cases["diff"] - min_increase], axis=1).min(axis=1)
     drivers = _drivers(_mark_backbones(cases), verdict, margin)
+    short = ("the gap between the shared linear map and the global map rises from the shallowest to the deepest of "
+             "three layers, per edit and network, in more than half of the cases")
     return Claim("3b", verdict, rule, trend.trend, pd.DataFrame(), counts, _photos(trend.trend), drivers, robustness,
-                 _robust(robustness, verdict))
+                 _robust(robustness, verdict), short, _decided(_mark_backbones(cases), verdict, margin))
 
 
 # -- a book's claims --------------------------------------------------------------------------------------------------

@@ -115,14 +115,16 @@ def convergence_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def findings_block(lines: list[str], title: str = "Key findings on this run") -> HTML:
+def findings_block(lines: list[str], title: str | None = "Key findings on this run") -> HTML:
     """Returns a page's key-findings block: ``lines`` (plain text; ``**bold**`` spans kept) as a list in an HTML
-    element of class ``key-findings``, the first thing a reader sees after the page's introduction."""
+    element of class ``key-findings``, the first thing a reader sees after the page's introduction (``title``
+    None: no title, where the page's heading says it)."""
     def item(line: str) -> str:
         parts = html.escape(line).split("**")
         return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
     items = "".join(f"<li>{item(line)}</li>" for line in lines)
-    return HTML(f'<div class="key-findings"><p><strong>{html.escape(title)}</strong></p><ul>{items}</ul></div>')
+    head = f"<p><strong>{html.escape(title)}</strong></p>" if title else ""
+    return HTML(f'<div class="key-findings">{head}<ul>{items}</ul></div>')
 
 
 def key_findings(table: pd.DataFrame, **kwargs) -> HTML:

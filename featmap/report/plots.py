@@ -11,12 +11,27 @@ from featmap.maps.base import GLOBAL_MAPS
 
 # Every figure is drawn at most as wide as the page's text column (shown at its own size, never shrunk) with text of
 # at least SMALLEST points: the book's footnote size when the figure is shown at page width.
-PAGE_WIDTH = 8.5  # inches
+PAGE_WIDTH = 6.7  # inches: the book's content column is 688 px at 1280 px, figures are drawn at 100 dpi
 SMALLEST = 9      # points
 LABEL = 10        # points: axis labels, ticks and legends of the pages' main figures
 
 
-def plot_examples(examples: list[tuple[str, list[tuple[str, np.ndarray]]]], per_row: int = 6):
+def wrapped(title: str, width: int = 15) -> str:
+    """Returns ``title`` broken into lines of at most about ``width`` characters at underscores and spaces (a panel
+    of a wrapped row is narrow; a long edit name would run into its neighbours)."""
+    lines = []
+    for part in title.split("\n"):
+        line = ""
+        for piece in part.replace("_", "_\0").replace(" ", " \0").split("\0"):
+            if line and len(line) + len(piece) > width:
+                lines.append(line.rstrip())
+                line = ""
+            line += piece
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def plot_examples(examples: list[tuple[str, list[tuple[str, np.ndarray]]]], per_row: int = 5):
     """Returns a figure: per photo, the original then each manipulated version, wrapped ``per_row`` panels to a row
     so that the page's width holds them at a readable size."""
     rows = []
@@ -24,13 +39,13 @@ def plot_examples(examples: list[tuple[str, list[tuple[str, np.ndarray]]]], per_
         for start in range(0, len(panels), per_row):
             rows.append((photo_id if start == 0 else "", panels[start:start + per_row]))
     side = PAGE_WIDTH / per_row
-    fig, axes = plt.subplots(len(rows), per_row, figsize=(PAGE_WIDTH, (side + 0.35) * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(PAGE_WIDTH, (side + 0.55) * len(rows)), squeeze=False)
     for r, (photo_id, panels) in enumerate(rows):
         for c, ax in enumerate(axes[r]):
             ax.axis("off")
             if c < len(panels):
                 ax.imshow(panels[c][1])
-                ax.set_title(panels[c][0], fontsize=SMALLEST)
+                ax.set_title(wrapped(panels[c][0]), fontsize=SMALLEST)
         if photo_id:
             axes[r][0].text(-0.05, 0.5, photo_id.split("/")[-1][:18], transform=axes[r][0].transAxes, rotation=90,
                             ha="right", va="center", fontsize=SMALLEST)
@@ -162,14 +177,14 @@ def plot_reconstructions(reconstructions: dict, n_photos: int = 1):
             for i in range(min(n_photos, len(panels["original"])))]
     n_cols = max(len(panels) for _, panels, _ in rows)
     side = PAGE_WIDTH / (n_cols + 0.3)
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(PAGE_WIDTH, (side + 0.5) * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(PAGE_WIDTH, (side + 0.75) * len(rows)), squeeze=False)
     for r, ((manip, layer), panels, i) in enumerate(rows):
         for c, ax in enumerate(axes[r]):
             ax.axis("off")
             if c < len(panels):
                 name = list(panels)[c]
                 ax.imshow(panels[name][i])
-                ax.set_title(name.replace(" (", "\n("), fontsize=SMALLEST)
+                ax.set_title(wrapped(name, 10), fontsize=SMALLEST)
         axes[r][0].text(-0.08, 0.5, f"{manip}\n{layer}", transform=axes[r][0].transAxes, rotation=90,
                         ha="right", va="center", fontsize=SMALLEST)
     fig.tight_layout()
@@ -191,7 +206,7 @@ def plot_outcomes(counts: dict[str, pd.DataFrame], height: float = 0.5):
             if r["family"] != "overall" and (r["cases"] or any(r.get(k, 0) for k in OUTCOME_COLOURS))]
     if not rows:
         raise ValueError("no cases to plot: no claim was measured")
-    fig, ax = plt.subplots(figsize=(8.5, 1.0 + height * len(rows)))
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 1.0 + height * len(rows)))
     labels = [f"{label} · {family}" for label, family, _ in rows]
     left = np.zeros(len(rows))
     for outcome, colour in OUTCOME_COLOURS.items():
@@ -256,7 +271,7 @@ def plot_headline(families: pd.DataFrame, metric: str = "cos_mean",
     if data.empty:
         raise ValueError(f"no case where {', '.join(maps)} all ran")
     fams = list(dict.fromkeys(data["family"]))
-    fig, ax = plt.subplots(figsize=(8.5, height))
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH, height))
     step = 0.8 / len(maps)
     for i, name in enumerate(maps):
         d = data[data["mapping"] == name]
@@ -290,7 +305,8 @@ def plot_best_worst(examples: list[tuple[str, list[tuple[str, np.ndarray]]]]):
             for k, (title, image) in enumerate(panels[:2]):
                 ax = axes[r][2 * c + k]
                 ax.imshow(image)
-                ax.set_title(title if k else ("best" if c == 0 else "worst") + ": original", fontsize=SMALLEST)
+                ax.set_title(wrapped(title if k else ("best" if c == 0 else "worst") + ": original", 18),
+                             fontsize=SMALLEST)
                 ax.axis("off")
     fig.tight_layout()
     return fig

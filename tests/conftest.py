@@ -90,10 +90,11 @@ def one_thread():
 
 # Tiny parameters for every chapter; each notebook gets only the ones it takes (featmap.run.presets.defaults).
 # One thread: on a shared 2-core machine torch's default of two is many times slower. Every map runs (the papermill
-# tests check each one reaches the table), trained maps for 2 epochs, image space on 2 photos through a 1-epoch
+# tests check each one reaches the table), trained maps for at most 8 steps, image space on 2 photos through a 1-epoch
 # 32-pixel inverter that learns from one edit (one inverter serves every chapter: the cache is shared).
 TINY = {"layers": ["blocks.6"], "max_images": None, "image_size": 128, "train_views": 1, "bootstrap": 50,
-        "max_epochs": 2, "threads": 1, "image_photos": 2, "inverter_size": 32, "inverter_epochs": 1,
+        "max_steps": 8, "eval_every": 4, "patience": 8, "plateau_steps": 4, "threads": 1, "image_photos": 2,
+        "inverter_size": 32, "inverter_epochs": 1,
         "inverter_manipulations": ["grayscale"]}
 PER_CHAPTER = {
     "geometric": {"manipulations": ["mirror_h", "hue_shift_60"]},

@@ -24,7 +24,9 @@ def test_run_writes_the_contract_and_reruns_from_cache(photo_dir):
     result = run_chapter(small_config(photo_dir))
     table = pd.read_csv(results_dir() / "geometric.csv")
     assert list(table.columns) == COLUMNS + PROVENANCE_COLUMNS
-    assert result.extracted == (len(result.split.train) * 2 + len(result.split.val) * 2 + len(result.split.test)) * 3
+    views = result.config.train_views  # per training and validation photo; one per test photo
+    assert result.extracted == (len(result.split.train) * views + len(result.split.val) * views
+                                + len(result.split.test)) * 3
     assert set(table.family) == {"geometric", "photometric"}
     assert set(table[table.family == "photometric"].spatial) == {"none"}
     assert set(table[table.family == "geometric"].spatial) == {"none", "applied"}

@@ -388,7 +388,8 @@ TIMING_METRICS = list(TIMED)  # wall-clock rows: the only rows allowed to differ
 def _child_config(photo_dir: Path, cache: Path) -> dict:
     return {"chapter": "geometric", "manipulations": ["rotation_90", "grayscale"], "layers": ["blocks.6"],
             "images": str(photo_dir), "image_size": 128, "mappings": ["identity", "linear", "mlp"],
-            "max_epochs": 5, "bootstrap": 50, "threads": 1, "batch_size": 2, "cache_dir": str(cache)}
+            "max_steps": 10, "eval_every": 2, "patience": 10, "plateau_steps": 4, "bootstrap": 50, "threads": 1,
+            "batch_size": 2, "cache_dir": str(cache)}
 
 
 def _start(photo_dir: Path, run_dir: Path, kill: dict | None = None):
@@ -448,7 +449,7 @@ def _assert_same_as_reference(run_root: Path, ref_root: Path) -> None:
         _without_timing(ref_root / "run" / "results" / "geometric.csv")
     assert _cached_arrays(run_root / "cache") == _cached_arrays(ref_root / "cache")  # torn entries were redone
     ours, theirs = _map_weights(run_root / "cache"), _map_weights(ref_root / "cache")
-    assert ours.keys() == theirs.keys() and len(ours) == 3
+    assert ours.keys() == theirs.keys() and len(ours) == 2  # mlp after the grid operation, and on grayscale
     for name in ours:
         for k in theirs[name]:
             assert torch.equal(ours[name][k], theirs[name][k]), f"map {name} {k} differs after resuming"
@@ -456,7 +457,7 @@ def _assert_same_as_reference(run_root: Path, ref_root: Path) -> None:
 
 def test_killed_at_seeded_writes_then_rerun_gives_the_uninterrupted_results(tmp_path, photo_dir, reference_run):
     ref_root, ref_counts = reference_run
-    assert ref_counts["feature"] >= 20 and ref_counts["map"] == 3 and ref_counts["checkpoint"] >= 3  # it counted
+    assert ref_counts["feature"] >= 20 and ref_counts["map"] == 2 and ref_counts["checkpoint"] >= 3  # it counted
     rng = np.random.default_rng(2026)
     for kind, how in KILLS:
         # A run extracts or trains only what is missing, so the k-th write of this run is a new one.

@@ -17,6 +17,8 @@ SPATIAL_MODES = ("none", "applied", "learned")
 # The default inverter learns from training photos under no edit and these (one per kind of edit), the same for
 # every chapter, so one inverter per (backbone, layer) serves the whole book.
 INVERTER_MANIPULATIONS = ("rotation_90", "mirror_v", "noise_40", "hue_shift_60", "grayscale", "mask_big_square_center")
+# The positive control's edits by default: a quarter turn and a flip, each content moved across the whole grid.
+CONTROL_EDITS = ("rotation_90", "mirror_v")
 ALL_MAPPINGS = ["identity", "additive", "linear", "procrustes", "local_linear", "linear_sgd", "mlp", "cnn",
                 "transformer", "transformer_pe"]
 
@@ -86,7 +88,7 @@ DOCS = {
                "add learned to let every map that mixes positions learn the permutation",
     "control_edits": "geometric edits whose raw grid the global maps learn too (spatial learned): the positive "
                      "control, where a shared linear map cannot follow the moved content and a global map with "
-                     "positions can",
+                     "positions can; default: rotation_90 and mirror_v where they are among manipulations",
     "ridge": "linear and local_linear: relative ridge strength that shrinks W toward the identity, or auto (chosen on "
              "validation photos)",
     "semantic_layers": "layers whose predicted maps go through the classifier tail: first, last, all, or a list",
@@ -209,8 +211,10 @@ class RunConfig:
         for mode in self.spatial:
             if mode not in SPATIAL_MODES:
                 raise ValueError(f"unknown spatial mode {mode!r}; known: {', '.join(SPATIAL_MODES)}")
+        if self.control_edits == "default":
+            self.control_edits = [n for n in CONTROL_EDITS if n in self.manipulations]
         if not isinstance(self.control_edits, (list, tuple)) or not all(isinstance(n, str) for n in self.control_edits):
-            raise TypeError(f"control_edits must be a list of geometric edit names (maybe empty), e.g. -y "
+            raise TypeError(f"control_edits must be 'default' or a list of geometric edit names (maybe empty), e.g. -y "
                             f"'control_edits: [rotation_90]'; got {self.control_edits!r}")
         self.control_edits = list(self.control_edits)
         for name in self.control_edits:

@@ -36,7 +36,7 @@ GEOMETRIC = ["rotation_90", "rotation_180", "rotation_270", "mirror_h", "mirror_
 MASKS = ["mask_top_left_square", "mask_bottom_right_square", "mask_big_square_center", "mask_small_square_center"]
 PRESETS = {
     "geometric": Preset(["manipulations", *COMMON[:8], "spatial", "control_edits", *COMMON[8:]],
-                        {"manipulations": GEOMETRIC, "control_edits": ["rotation_90", "mirror_v"]}),
+                        {"manipulations": GEOMETRIC, "control_edits": "default"}),
     "masking": Preset(["manipulations", *COMMON], {"manipulations": MASKS}),
     "semantic": Preset(
         ["manipulations", "editor_params", "edit_manifest", *COMMON],

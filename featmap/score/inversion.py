@@ -418,7 +418,7 @@ def fit_decoder(data: InverterData, layer: str, config: InverterConfig = Inverte
         history = {"epochs": run.epochs, "seconds": run.seconds, "per_epoch": run.history, "n_pairs": len(feats),
                    "data": data.description}
         inverter = DecoderInverter(run.net.cpu(), layer, config.device, key, history)
-        inverter.epochs_run = run.epochs - run.resumed_from
+        inverter.epochs_run = run.epochs - run.resumed_epoch
         return inverter
 
     def save(f, inverter: DecoderInverter) -> None:

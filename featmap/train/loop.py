@@ -234,7 +234,8 @@ class Fitted:
     ``val_<metric>`` when there is validation data; a record at step 0 before any training, without a training
     loss, when asked).
     ``best_step`` is the step of the returned weights when ``keep_best`` (-1 without validation), ``stopped_early``
-    whether the patience ran out before a cap, ``resumed_from`` the step the run started at (0, or the steps a
+    whether the patience ran out before a cap, ``resumed_epoch`` the epoch a checkpoint held (0 for a fresh run),
+    ``resumed_from`` the step the run started at (0, or the steps a
     checkpoint held)."""
 
     net: nn.Module
@@ -246,6 +247,7 @@ class Fitted:
     stopped_early: bool
     seconds: float
     resumed_from: int
+    resumed_epoch: int = 0
 
 
 def _evaluate(net: nn.Module, data: Pairs, loss: Loss, metrics: Mapping[str, Callable], batch_size: int,
@@ -338,7 +340,7 @@ def _fit(net: nn.Module, recipe: Recipe, train: Pairs, val: Pairs | None, device
         opt.load_state_dict(saved["opt"])
         scheduler.load_state_dict(saved["sched"])
         best, state = saved["best"], saved["state"]
-    resumed_from = state["step"]
+    resumed_from, resumed_epoch = state["step"], state["epoch"]
     model = strategy.wrap(net, device)
     smallest = max(recipe.min_batch, strategy.world_size)
     total = stop.max_steps if stop.max_steps is not None else stop.max_epochs
@@ -413,7 +415,7 @@ def _fit(net: nn.Module, recipe: Recipe, train: Pairs, val: Pairs | None, device
     if best is not None:
         net.load_state_dict(best)
     return Fitted(net, state["step"], state["epoch"], state["history"], state["best_val"], state["best_step"],
-                  stop.patience_out(state) and val is not None, state["seconds"], resumed_from)
+                  stop.patience_out(state) and val is not None, state["seconds"], resumed_from, resumed_epoch)
 
 
 def map_recipe(cfg: TrainConfig, penalty: Callable[[nn.Module], torch.Tensor] | None = None) -> Recipe:

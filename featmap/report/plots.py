@@ -347,7 +347,12 @@ def _figure(n_rows: int):
 
 
 def _legend(fig, ax, handles, ncol: int):
-    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=ncol, frameon=False, fontsize=LABEL)
+    """Puts the legend above the panel in as many columns as fit the page's width (at most ``ncol``): a legend wider
+    than the figure would widen the saved image past the page's column, and the page would shrink it."""
+    longest = max(len(h.get_label()) for h in handles)
+    fits = max(1, int((PAGE_WIDTH - 0.3) // (0.09 * longest + 0.7)))  # inches per entry at 10 points
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=min(ncol, fits), frameon=False,
+              fontsize=LABEL)
     fig.tight_layout()
 
 
@@ -419,7 +424,7 @@ def plot_changed_region(table: pd.DataFrame, layer: str | None = None,
     rows = list(dict.fromkeys(d["manipulation"]))
     fig, ax = _figure(len(rows))
     present = [m for m in maps if m in set(d["mapping"])]
-    series = [(f"{m} ({'changed region' if metric == 'cos_changed_mean' else 'whole map'})", f"{m}|{metric}",
+    series = [(f"{m}: {'changed' if metric == 'cos_changed_mean' else 'whole'}", f"{m}|{metric}",
                MAP_COLOURS.get(m, "0.3")) for m in present for metric in ("cos_mean", "cos_changed_mean")]
     frame = d.assign(row=d["manipulation"], series=d["mapping"] + "|" + d["metric"])
     handles = _dot_rows(ax, frame, rows, series)

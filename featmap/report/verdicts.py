@@ -101,17 +101,18 @@ def feasibility(table: pd.DataFrame, min_effect_share: float = 0.1, region: str 
     local = local_rows.drop_duplicates(["family", "manipulation", "backbone", "layer"]).set_index(
         ["family", "manipulation", "backbone", "layer"])["value"]
     out = []
-    fitted = data[~data["mapping"].isin(NOT_FITTED)]
+    scores = ("cos_mean", "cos_changed_mean")
+    needed = data[data["metric"].isin([*scores, *(f"val_{m}" for m in scores), *(f"{m}_gap_identity" for m in scores)])]
+    by_case = dict(tuple(needed.groupby(KEY, sort=False)))  # one pass over the table, not one per case
     for case in cases:
         fam, manip, backbone, layer, spatial = case
         is_local = region == "changed" and bool(local.get((fam, manip, backbone, layer), 0) == 1)
         metric = "cos_changed_mean" if is_local else "cos_mean"
-        here = data[(data["family"] == fam) & (data["manipulation"] == manip) & (data["backbone"] == backbone)
-                    & (data["layer"] == layer) & (data["spatial"] == spatial)]
+        here = by_case.get(case, needed.iloc[0:0])
         val = here[here["metric"] == f"val_{metric}"].drop_duplicates("mapping").set_index("mapping")["value"]
         test = here[here["metric"] == metric].drop_duplicates("mapping").set_index("mapping")["value"]
         gaps = here[here["metric"] == f"{metric}_gap_identity"].drop_duplicates("mapping").set_index("mapping")
-        fitted_val = val[[m for m in val.index if m in set(fitted["mapping"])]]
+        fitted_val = val[[m for m in val.index if m not in NOT_FITTED]]
         row = dict(zip(KEY, case), local=is_local, metric=metric, floor=test.get("identity", np.nan),
                    floor_val=val.get("identity", np.nan), note="")
         if chosen == "best":

@@ -49,8 +49,10 @@ STATEMENTS = {
                 "mapped representations.",
     3: "We analyze the corresponding mappings across different feature layers and characterize them according "
        "to dominance of weight vs. bias and the effective rank of the linear transformations.",
-    "3b": "Linear sufficiency grows with depth (the revision's one directional statement).",
+    "3b": "linear sufficiency grows with depth for ConvNeXt and SwinV2 and is less consistent for DINOv3",
 }
+# How each statement is shown: a quotation, or (the revision's abstract, not at hand verbatim) a paraphrase.
+PARAPHRASED = ("3b",)
 TITLES = {1: "a map can be learned for every manipulation", 2: "the shared linear map is close to the global map",
           "semantic": "semantic consistency", 3: "the linear maps across layers",
           "3b": "linear sufficiency grows with depth"}
@@ -80,6 +82,12 @@ class Claim:
     def title(self) -> str:
         return TITLES[self.claim]
 
+    @property
+    def label(self) -> str:
+        """Returns how the claim is named on a page: "Claim N (title)", or the title of a finding with no number."""
+        return f"Claim {self.claim} ({self.title})" if self.claim in STATEMENTS and not isinstance(
+            self.claim, str) or self.claim == "3b" else self.title.capitalize()
+
     def counted(self) -> str:
         """Returns the overall counts in words (holds / does not hold / inconclusive, and those set apart), per
         metric where the claim is counted on several."""
@@ -93,7 +101,7 @@ class Claim:
     def headline(self) -> str:
         """Returns "Claim N: <verdict>." followed by the rule, the counts, the test photos per case, what drives it
         and whether it depends on the choices made (plain text; the verdict in ``**bold**``)."""
-        parts = [f"**Claim {self.claim} ({self.title}): {self.verdict}.**"]
+        parts = [f"**{self.label}: {self.verdict}.**"]
         if self.rule:
             parts.append(f"Rule: {self.rule}.")
         if self.counted():
@@ -108,7 +116,7 @@ class Claim:
         """Returns the landing page's form of ``headline``: the verdict, the rule in one line, the counts and test
         photos, the cases that decide it, and whether other reasonable choices change it (the summary has the
         rest)."""
-        parts = [f"**Claim {self.claim} ({self.title}): {self.verdict}.**"]
+        parts = [f"**{self.label}: {self.verdict}.**"]
         if self.short:
             parts.append(f"Rule: {self.short}.")
         if self.counted():
@@ -154,8 +162,9 @@ def _needed_text(cases: pd.DataFrame) -> str:
     tail = (f"; {int(many.sum())} sit on the boundary (no number of photos decides them)" if many.any() else "")
     need = need[~many]
     if need.empty:
-        return f"Deciding the {int(many.sum())} inconclusive cases: none would be decided by more photos" + \
-            tail.removeprefix(";") + "."
+        return (f"No number of test photos would decide the {int(many.sum())} inconclusive case"
+                f"{'' if many.sum() == 1 else 's'}: {'its' if many.sum() == 1 else 'their'} estimate sits on the "
+                "rule's boundary.")
     spread = f"{need.min():.0f}" if need.min() == need.max() else f"{need.min():.0f} to {need.max():.0f}"
     return (f"Deciding the inconclusive cases at their observed spread would take {spread} test photos each (a "
             f"paired test at 95% and 80% power; median {need.median():.0f})" + tail + ".")
@@ -174,7 +183,8 @@ def _decided(cases: pd.DataFrame, verdict: str, margin: pd.Series) -> str:
     elif verdict == INCONCLUSIVE:
         text = f"Undecided: {named(decided[decided['outcome'] == INCONCLUSIVE].head(8))}."
     else:
-        closest = decided.assign(_margin=margin.reindex(decided.index)).sort_values("_margin").iloc[0]
+        holding = decided[decided["outcome"] == HOLDS]
+        closest = holding.assign(_margin=margin.reindex(holding.index)).sort_values("_margin").iloc[0]
         text = (f"The case closest to not holding: {_case_name(closest)} (its interval clears the rule's boundary by "
                 f"{closest['_margin']:.3f}).")
     return text
@@ -334,7 +344,7 @@ def _close_on(families: pd.DataFrame, metric: str, tolerance: float, valid: pd.D
     split = v.closeness(data, metric, tolerance, valid=valid)
     if metric in IMAGE_METRICS and split.cases.empty:
         note = (f"{metric}: no verdict (no global map was scored in image space where the judge can see"
-                + (f": {', '.join(sorted({layer for _, layer, _ in seen}))}" if seen else "") + ")")
+                + (f": {', '.join(sorted({layer for _, layer, _ in seen}))}" if seen else "") + ").")
     return split, note
 
 

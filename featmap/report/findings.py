@@ -208,14 +208,20 @@ def data_key_findings(images, card: pd.DataFrame, split) -> HTML:
 
 def paper_quotes(found: list[claims.Claim]) -> str:
     """Returns the paper's own sentence for each claim, quoted apart and labelled as the paper's (markdown)."""
-    return "\n\n".join(f"> **The paper, claim {c.claim}:** \"{claims.STATEMENTS[c.claim]}\"" for c in found)
+    def named(c: claims.Claim) -> str:
+        return c.title if c.claim == "semantic" else f"claim {c.claim}"
+    return "\n\n".join(
+        f"> **The paper's revision, paraphrased, on {named(c)}:** {claims.STATEMENTS[c.claim]}."
+        if c.claim in claims.PARAPHRASED else f"> **The paper, on {named(c)}:** \"{claims.STATEMENTS[c.claim]}\""
+        for c in found)
 
 
 def notes_text(book: claims.Book) -> str:
     """Returns what the summary did not pool and why (markdown), with the verdicts of the groups kept apart, or a
     line saying every table belongs together."""
     if not book.notes:
-        return f"Every results table was produced by the same backbone, weights and photo set ({book.group})."
+        return (f"The family chapters' tables were all produced by the same backbone, weights and photo set "
+                f"({book.group}); the layers and backbones chapters are read on their own.")
     lines = [f"- {n}" for n in book.notes]
     apart = claims.apart_verdicts(book)
     for r in apart.to_dict("records"):

@@ -242,7 +242,7 @@ step tests 420 100 sh -c '"$0" -m pytest -q -rs -p no:cacheprovider -o addopts="
 # 2. The bench on the device (torch's own thread count: 0), written to $WORK/bench.json. The backbones chapter needs
 #    the DINOv2 wheel (93 MB: not among the wheels above) and semantic's GrabCut runs on the CPU: geometric, masking
 #    and layers.
-step bench 180 "${GPU_BENCH_SECONDS:-240}" env BENCH_DEVICE="$DEVICE" BENCH_THREADS=0 \
+step bench 180 "${GPU_BENCH_SECONDS:-240}" env BENCH_DEVICE="$DEVICE" BENCH_THREADS=0 BENCH_TRAINED_STEPS=11900 \
   BENCH_IMAGES="${GPU_BENCH_IMAGES:-120}" \
   BENCH_BOOK_IMAGES="${GPU_BENCH_BOOK_IMAGES:-24}" \
   BENCH_BOOK_CHAPTERS="${GPU_BENCH_CHAPTERS:-geometric,masking,layers}" \

@@ -98,29 +98,23 @@ class Claim:
             return "; ".join(f"{r['metric']}: {counts_text(r)}" for r in overall.to_dict("records"))
         return counts_text(self.counts.iloc[-1])
 
+    def _opening(self, rule: str) -> list[str]:
+        """Returns the verdict in bold, then ``rule``, then the counts and the test photos per case."""
+        parts = [f"**{self.label}: {self.verdict}.**"] + ([f"Rule: {rule}."] if rule else [])
+        if self.counted():
+            parts.append(self.counted() + (f", on {photos_text(self.photos)} per case." if self.photos else "."))
+        return parts
+
     def headline(self) -> str:
         """Returns "Claim N: <verdict>." followed by the rule, the counts, the test photos per case, what drives it
         and whether it depends on the choices made (plain text; the verdict in ``**bold**``)."""
-        parts = [f"**{self.label}: {self.verdict}.**"]
-        if self.rule:
-            parts.append(f"Rule: {self.rule}.")
-        if self.counted():
-            parts.append(self.counted() + (f", on {photos_text(self.photos)} per case." if self.photos else "."))
-        if self.drivers:
-            parts.append(self.drivers)
-        if self.robust:
-            parts.append(self.robust)
-        return " ".join(parts)
+        return " ".join(self._opening(self.rule) + [t for t in (self.drivers, self.robust) if t])
 
     def brief(self) -> str:
         """Returns the landing page's form of ``headline``: the verdict, the rule in one line, the counts and test
         photos, the cases that decide it, and whether other reasonable choices change it (the summary has the
         rest)."""
-        parts = [f"**{self.label}: {self.verdict}.**"]
-        if self.short:
-            parts.append(f"Rule: {self.short}.")
-        if self.counted():
-            parts.append(self.counted() + (f", on {photos_text(self.photos)} per case." if self.photos else "."))
+        parts = self._opening(self.short)
         if self.decided:
             parts.append(self.decided)
         elif self.drivers and not self.counted():

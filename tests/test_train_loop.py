@@ -318,3 +318,17 @@ def test_a_negative_or_undefined_checkpoint_interval_is_refused(tmp_path, every)
     with pytest.raises(ValueError, match="checkpoint_every must be seconds >= 0"):
         fit(seeded(inverter_net), inverter_recipe(1), Pairs(x, y), checkpoint=tmp_path / "c.pt", progress=False,
             checkpoint_every=every)
+
+
+@pytest.mark.parametrize("eval_every, plateau_steps, halved_at", [(10, 50, 50), (20, 50, 60), (20, 60, 60), (5, 5, 5)])
+def test_the_rate_is_halved_no_sooner_than_plateau_steps_after_the_last_improvement(monkeypatch, eval_every,
+                                                                                   plateau_steps, halved_at):
+    """A validation loss that never improves after step 0: the learning rate halves at the first reading at least
+    plateau_steps steps later, never earlier (reading every 20 steps, 50 means 60)."""
+    x, y, _, _ = planted_affine(7, 80)
+    monkeypatch.setattr(loop, "_evaluate", lambda *args: {"loss": 1.0})
+    cfg = TrainConfig(lr=1e-2, batch_size=16, max_steps=100, eval_every=eval_every, patience=100,
+                      plateau_steps=plateau_steps)
+    run = fit(seeded(map_net), map_recipe(cfg), Pairs(x[:60], y[:60]), Pairs(x[60:], y[60:]), progress=False)
+    first_lower = next(r["step"] for r in run.history if r["lr"] < 1e-2)
+    assert first_lower == halved_at + eval_every  # a record's lr is the one its round trained with

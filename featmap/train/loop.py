@@ -46,8 +46,8 @@ class TrainConfig:
 
     ``max_epochs`` is an alias cap in passes over the training pairs (None: only ``max_steps``); training ends at
     the first cap reached or when the validation loss has not improved (by ``min_delta``, relative) for
-    ``patience`` steps. The learning rate is halved (``plateau_factor``) when it has not improved for
-    ``plateau_steps`` steps, down to ``min_lr``.
+    ``patience`` steps. The learning rate is halved (``plateau_factor``) at the first validation at least
+    ``plateau_steps`` steps after the last improvement, down to ``min_lr``.
     """
 
     lr: float = 1e-4
@@ -363,7 +363,8 @@ def _fit(net: nn.Module, recipe: Recipe, train: Pairs, val: Pairs | None, device
 
     if stop.eval_at_start and not state["history"]:
         record = {"step": 0, "epoch": 0, "lr": opt.param_groups[0]["lr"]}  # nothing trained yet: no training loss
-        validate(record)
+        # the schedule counts from this reading too: a plateau is measured from the last improvement, step 0 included
+        recipe.schedule.step(scheduler, validate(record))
         state["history"].append(record)
     written = time.perf_counter()
     while stop.running(state):
@@ -425,9 +426,11 @@ def map_recipe(cfg: TrainConfig, penalty: Callable[[nn.Module], torch.Tensor] | 
     dropout seeded per round, single-sample batches skipped."""
     return Recipe(loss=partial(reference_loss, mse_weight=cfg.mse_weight, cos_weight=cfg.cos_weight),
                   optimizer=AdamW(cfg.lr, cfg.weight_decay),
-                  # torch's plateau lowers the rate after ``patience + 1`` bad validations in a row
-                  schedule=Plateau(max(cfg.plateau_steps // cfg.eval_every - 1, 0), cfg.plateau_factor, cfg.min_lr,
-                                   threshold=cfg.min_delta),
+                  # torch's plateau lowers the rate after ``patience + 1`` bad validations in a row: the first reading
+                  # at least ``plateau_steps`` steps after the last improvement (rounding down halved the rate early:
+                  # after 40 steps for 50 read every 20, which stopped a slowly learning map long before its best)
+                  schedule=Plateau(max(math.ceil(cfg.plateau_steps / cfg.eval_every) - 1, 0), cfg.plateau_factor,
+                                   cfg.min_lr, threshold=cfg.min_delta),
                   stopping=Stopping(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, patience=cfg.patience,
                                     min_delta=cfg.min_delta, keep_best=True, eval_every=cfg.eval_every,
                                     eval_at_start=True),

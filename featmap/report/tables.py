@@ -10,8 +10,8 @@ from featmap.core.table import absent_metrics, comparable_rows
 from featmap.report import claims
 from featmap.report.judge import judge_sanity
 
-# The maps of a chapter's main figure: at most eight series (the rest are in the folded tables).
-MAIN_MAPS = ("identity", "additive", "linear", "local_linear", "mlp", "cnn", "transformer", "transformer_pe")
+# The order of the maps' columns in a page's tables: the floor, the closed forms, then the trained maps.
+MAP_ORDER = ("identity", "additive", "linear", "local_linear", "mlp", "cnn", "transformer", "transformer_pe")
 
 
 TRAINED_FACTS = ("steps", "best_step", "stopped_early", "train_loss", "best_val_loss")
@@ -61,7 +61,7 @@ def wide(table: pd.DataFrame, metric: str, comparable: bool = True) -> pd.DataFr
     if data.empty:
         return pd.DataFrame()
     out = data.pivot_table(index=["layer", "manipulation"], columns="mapping", values="value", sort=False)
-    order = [m for m in MAIN_MAPS + ("procrustes", "linear_sgd") if m in out.columns]
+    order = [m for m in MAP_ORDER + ("procrustes", "linear_sgd") if m in out.columns]
     return out[order + [c for c in out.columns if c not in order]].reset_index()
 
 
